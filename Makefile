@@ -1,0 +1,51 @@
+# faceopt: `make help` lists the targets. Variables (N_TRIALS=30 SAMPLER=skopt ...) map to flags.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU wheel on our machines; on a CUDA box use e.g. TORCH="torch==2.13.0" with the CUDA index.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+FACEOPT := $(BIN)/faceopt
+
+# Each variable becomes its flag only when set, so FACEOPT_* environment settings still apply.
+flag = $(if $($(1)),--$(2) '$($(1))')
+STUDY_FLAGS = $(call flag,DATA,data) $(call flag,STUDY,study) $(call flag,STORAGE,storage) \
+	$(call flag,SEED,seed)
+TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,timeout) \
+	$(call flag,EPOCHS,epochs) $(call flag,SPACE,space) $(call flag,METRIC,metric) \
+	$(call flag,SAMPLER,sampler) $(call flag,SAMPLER_ARGS,sampler-args) \
+	$(call flag,PRUNER,pruner) $(call flag,N_JOBS,n-jobs) \
+	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data tune ui test lint
+
+help: ## list targets and the variables they take
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: DATA STUDY N_TRIALS TIMEOUT EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS SEED STORAGE"
+
+setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+data: setup ## download age_gender.csv into data/ with the Kaggle client (needs credentials)
+	@$(BIN)/python -c "import kaggle" 2>/dev/null || $(BIN)/pip install -q -e ".[data]"
+	$(FACEOPT) data --dir data
+
+tune: setup ## run or resume the Optuna study (DATA=path/to/age_gender.csv N_TRIALS=30)
+	$(FACEOPT) tune $(TUNE_FLAGS)
+
+ui: setup ## open the MLflow UI on the tracking store (HOST, PORT)
+	$(FACEOPT) ui --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)
+
+test: setup ## run the tests (real-data tests use ../shared/data when present)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup ## ruff check and format check
+	$(BIN)/ruff check pipeline serving tests
+	$(BIN)/ruff format --check pipeline serving tests

@@ -1,0 +1,161 @@
+"""`faceopt <command>`: a thin layer that turns flags into Settings and calls the stage modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+from pydantic import ValidationError
+
+from pipeline.config import Settings
+
+log = logging.getLogger("faceopt")
+
+KAGGLE_DATASET = "nipunarora8/age-gender-and-ethnicity-face-data-csv"
+
+# flag -> settings field, for the flags every study command shares
+COMMON = {
+    "--data": ("data", str, "age_gender.csv(.gz) or a UTKFace folder"),
+    "--study": ("study", str, "study name (also the MLflow experiment)"),
+    "--storage": ("storage", str, "Optuna storage URL (default sqlite:///optuna.db)"),
+    "--tracking-uri": ("tracking_uri", str, "MLflow tracking URI (default sqlite:///mlflow.db)"),
+    "--seed": ("seed", int, "seed of the split and of every trial"),
+}
+TUNE = {
+    "--n-trials": ("n_trials", int, "trials to add to the study"),
+    "--timeout": ("timeout", float, "stop starting trials after this many seconds"),
+    "--epochs": ("epochs", int, "epochs per trial"),
+    "--space": ("space", str, "search space: mlp or cnn"),
+    "--metric": ("metric", str, "validation accuracy to maximise: age, ethnicity, gender, mean"),
+    "--sampler": ("sampler", str, "tpe, random, skopt, gp, cmaes or qmc"),
+    "--sampler-args": ("sampler_args", json.loads, "JSON of sampler arguments, e.g. "
+                       '\'{"base_estimator": "ET", "acq_func_kwargs": {"xi": 0.02}}\''),
+    "--pruner": ("pruner", str, "median, hyperband, successive-halving, percentile or none"),
+    "--n-jobs": ("n_jobs", int, "trials in parallel threads within this process"),
+}
+
+
+def _add(parser: argparse.ArgumentParser, flags: dict) -> None:
+    for flag, (dest, kind, text) in flags.items():
+        parser.add_argument(flag, dest=dest, type=kind, help=text)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Environment first, then any flag given on the command line."""
+    overrides = {
+        k: v for k, v in vars(args).items() if v is not None and k not in {"command", "func"}
+    }
+    return Settings(**overrides)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline import report, tune
+
+    # Optuna's own per-trial lines would break its progress bar; the summary follows at the end.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summary = tune.run(_settings(args))
+    print(report.format_summary(summary))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Download the Kaggle CSV with the official client, or say exactly how to provide it."""
+    target = Path(args.dir)
+    has_token = (
+        os.environ.get("KAGGLE_API_TOKEN")
+        or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"))
+        or (Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle")) / "kaggle.json").exists()
+    )
+    if not has_token:
+        print(
+            "No Kaggle credentials found (~/.kaggle/kaggle.json, or KAGGLE_USERNAME and KAGGLE_KEY).\n"
+            "Either create an API token at https://www.kaggle.com/settings (Account > API > Create "
+            "New Token), save it as ~/.kaggle/kaggle.json and run `make data` again,\n"
+            f"or download age_gender.csv from https://www.kaggle.com/datasets/{KAGGLE_DATASET} and "
+            "run `make tune DATA=/path/to/age_gender.csv`.",
+            file=sys.stderr,
+        )
+        return 2
+    kaggle = shutil.which("kaggle")
+    if kaggle is None:
+        print("The Kaggle client is not installed: run `pip install kaggle` (or `make data`, which "
+              "installs it).", file=sys.stderr)
+        return 2
+    target.mkdir(parents=True, exist_ok=True)
+    cmd = [kaggle, "datasets", "download", "-d", KAGGLE_DATASET, "-p", str(target), "--unzip"]
+    subprocess.run(cmd, check=True)
+    found = sorted(target.glob("**/age_gender.csv"))
+    print(f"downloaded to {found[0] if found else target}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI on the same store `make tune` writes to."""
+    settings = _settings(args)
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        print(f"Tracking goes to a server; its UI is at {settings.tracking_uri}")
+        return 0
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", settings.tracking_uri,
+        "--default-artifact-root", Path(settings.artifact_root).resolve().as_uri(),
+        "--host", args.host, "--port", str(args.port),
+    ]
+    log.info("MLflow UI on http://%s:%s for %s", args.host, args.port, settings.tracking_uri)
+    return subprocess.call(cmd)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="faceopt", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tune = sub.add_parser("tune", help="run (or resume) an Optuna study, logging to MLflow")
+    _add(tune, COMMON)
+    _add(tune, TUNE)
+    tune.add_argument("--skip-bad-rows", dest="skip_bad_rows", action="store_true", default=None,
+                      help="report and skip malformed rows instead of stopping")
+    tune.set_defaults(func=cmd_tune)
+
+    dl = sub.add_parser("data", help="download age_gender.csv from Kaggle")
+    dl.add_argument("--dir", default="data", help="where to put it (default: data/)")
+    dl.set_defaults(func=cmd_data)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
+    ui.add_argument("--tracking-uri", dest="tracking_uri")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    func = args.func
+    del args.verbose, args.func
+    try:
+        return func(args)
+    except ValidationError as e:
+        print(f"faceopt {args.command}: invalid setting: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # DataError and StudyMismatch are ValueErrors
+        print(f"faceopt {args.command}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; the study is saved, run the same command to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The one settings object, read from the environment (FACEOPT_*, OPTUNA_STORAGE, MLFLOW_TRACKING_URI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Metric = Literal["age", "ethnicity", "gender", "mean"]
+SamplerName = Literal["tpe", "random", "skopt", "gp", "cmaes", "qmc"]
+PrunerName = Literal["median", "hyperband", "successive-halving", "percentile", "none"]
+SpaceName = Literal["mlp", "cnn"]
+
+
+class Settings(BaseSettings):
+    """Defaults that hold on a fresh machine; every field can be set as FACEOPT_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEOPT_", extra="ignore", populate_by_name=True)
+
+    data: Path = Path("data/age_gender.csv")
+    cache_dir: Path = Path(".cache/faceopt")
+    skip_bad_rows: bool = False
+
+    storage: str = Field(
+        "sqlite:///optuna.db", validation_alias=AliasChoices("OPTUNA_STORAGE", "FACEOPT_STORAGE")
+    )
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db",
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "FACEOPT_TRACKING_URI"),
+    )
+    artifact_root: Path = Path("mlruns")
+
+    study: str = "faceopt"
+    n_trials: int = Field(20, ge=1)
+    timeout: float | None = None
+    epochs: int = Field(10, ge=1)
+    space: SpaceName = "mlp"
+    metric: Metric = "age"
+    sampler: SamplerName = "tpe"
+    sampler_args: dict = Field(default_factory=dict)
+    pruner: PrunerName = "median"
+    n_jobs: int = Field(1, ge=1)
+    seed: int = 42
+
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # of what is left after the test split
+    age_edges: tuple[int, ...] = (0, 3, 18, 45, 64, 116)
+
+    @field_validator("age_edges")
+    @classmethod
+    def _increasing(cls, edges: tuple[int, ...]) -> tuple[int, ...]:
+        if len(edges) < 3 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"age_edges must be at least 3 increasing integers, got {edges}")
+        return edges

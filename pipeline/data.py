@@ -1,0 +1,352 @@
+"""Load the Kaggle age_gender.csv or a UTKFace folder into one in-memory FaceSet, cached, and split it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline import labels, preprocess
+
+log = logging.getLogger(__name__)
+
+PIXELS = preprocess.SIZE * preprocess.SIZE
+CSV_COLUMNS = ("age", "ethnicity", "gender", "pixels")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# UTKFace names: <age>_<gender>_<race>_<datetime>.jpg[.chip.jpg]
+UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(.+)$")
+CACHE_VERSION = "1"  # bump when the decoded layout changes, so old caches are ignored
+LABEL_RANGES = {
+    "age": (0, labels.MAX_AGE),
+    "ethnicity": (0, len(labels.ETHNICITIES) - 1),
+    "gender": (0, len(labels.GENDERS) - 1),
+}
+
+
+class DataError(ValueError):
+    """The dataset is missing or malformed; the message says where and what was expected."""
+
+
+@dataclass(frozen=True)
+class FaceSet:
+    """Decoded faces: uint8 N x 48 x 48 plus one label array per field."""
+
+    images: np.ndarray
+    age: np.ndarray
+    ethnicity: np.ndarray
+    gender: np.ndarray
+    names: np.ndarray
+    fingerprint: str  # sha256 of the source's content
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices of a seeded, stratified train / validation / test split."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    seed: int
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for part in (self.train, self.val, self.test):
+            h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict:
+        return {
+            "seed": self.seed,
+            "train": len(self.train),
+            "val": len(self.val),
+            "test": len(self.test),
+            "digest": self.digest(),
+        }
+
+
+def missing_data_message(path: Path) -> str:
+    return (
+        f"No dataset at {path}. Either pass your own file: `make tune DATA=/path/to/age_gender.csv` "
+        "(the Kaggle CSV, .csv or .csv.gz, or a UTKFace folder of JPEGs), or run `make data` to "
+        "download it with the Kaggle client (needs ~/.kaggle/kaggle.json or KAGGLE_USERNAME and "
+        "KAGGLE_KEY)."
+    )
+
+
+def load(path: Path, cache_dir: Path, skip_bad_rows: bool = False) -> FaceSet:
+    """Load a CSV(.gz) or UTKFace folder, from the cache when its content was decoded before."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(missing_data_message(path))
+    digest = fingerprint(path)
+    cache = _cache_path(path, Path(cache_dir), digest, skip_bad_rows)
+    if cache.exists():
+        log.info("loading %s from cache %s", path, cache)
+        return _read_cache(cache, digest)
+    faces = _decode(path, digest, skip_bad_rows)
+    _write_cache(cache, faces)
+    return faces
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's image names and bytes in sorted order."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for file in _image_files(path):
+            h.update(file.name.encode())
+            h.update(file.read_bytes())
+    else:
+        with open(path, "rb") as f:
+            h = hashlib.file_digest(f, "sha256")
+    return h.hexdigest()
+
+
+def _decode(path: Path, digest: str, skip_bad_rows: bool) -> FaceSet:
+    if path.is_dir():
+        return read_utkface(path, digest, skip_bad_rows)
+    return read_csv(path, digest, skip_bad_rows)
+
+
+# --- cache -------------------------------------------------------------------------------------
+
+
+def _cache_path(path: Path, cache_dir: Path, digest: str, skip_bad_rows: bool) -> Path:
+    """Next to the source when that folder is writable (shared data often is not), else cache_dir."""
+    name = f"{path.name}-{digest[:16]}-v{CACHE_VERSION}{'-skip' if skip_bad_rows else ''}.npz"
+    beside = path.parent / ".faceopt-cache"
+    # Write bits, not just os.access: root may write anywhere, but a folder without write bits
+    # (like a shared, read-only data folder) is meant to stay untouched.
+    if os.access(path.parent, os.W_OK) and path.parent.stat().st_mode & 0o222:
+        return beside / name
+    return cache_dir / name
+
+
+def _read_cache(cache: Path, digest: str) -> FaceSet:
+    with np.load(cache, allow_pickle=False) as z:
+        return FaceSet(
+            images=z["images"], age=z["age"], ethnicity=z["ethnicity"], gender=z["gender"],
+            names=z["names"], fingerprint=digest,
+        )
+
+
+def _write_cache(cache: Path, faces: FaceSet) -> None:
+    """Write atomically, so an interrupted run never leaves a half-written cache behind."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f, images=faces.images, age=faces.age, ethnicity=faces.ethnicity,
+                gender=faces.gender, names=faces.names,
+            )
+        os.replace(tmp, cache)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("cached decoded faces at %s", cache)
+
+
+# --- CSV ---------------------------------------------------------------------------------------
+
+
+def read_csv(path: Path, digest: str = "", skip_bad_rows: bool = False) -> FaceSet:
+    """Decode the Kaggle age_gender.csv; every bad row is named, then raised or skipped."""
+    log.info("decoding %s", path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from e
+    missing = [c for c in CSV_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing}; expected columns "
+            f"age,ethnicity,gender,img_name,pixels, found {list(df.columns)}"
+        )
+    names = df["img_name"].to_numpy(str) if "img_name" in df else np.arange(len(df)).astype(str)
+    values, problems = _label_values(df)
+    images, pixel_problems = _parse_pixels(df["pixels"])
+    for row, reason in pixel_problems.items():
+        problems.setdefault(row, reason)
+    keep = _handle_problems(path, problems, names, skip_bad_rows, unit="row")
+    return FaceSet(
+        images=images[keep], age=values["age"][keep].astype(np.int16),
+        ethnicity=values["ethnicity"][keep].astype(np.int8),
+        gender=values["gender"][keep].astype(np.int8), names=names[keep], fingerprint=digest,
+    )
+
+
+def _label_values(df: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """Integer labels per column, and a reason for each row whose label is not a known value."""
+    values, problems = {}, {}
+    for col, (lo, hi) in LABEL_RANGES.items():
+        raw = df[col].str.strip()
+        num = pd.to_numeric(raw, errors="coerce").to_numpy(float)
+        bad = ~(np.isfinite(num) & (num == np.round(num)) & (num >= lo) & (num <= hi))
+        for row in np.flatnonzero(bad):
+            problems.setdefault(
+                int(row), f"column '{col}' has {raw.iloc[row]!r}, expected an integer in {lo}..{hi}"
+            )
+        values[col] = np.where(bad, 0, num).astype(np.int64)
+    return values, problems
+
+
+def _parse_pixels(pixels: pd.Series) -> tuple[np.ndarray, dict[int, str]]:
+    """All rows in one vectorised parse; only when that fails are rows looked at one by one."""
+    n = len(pixels)
+    texts = pixels.tolist()
+    # str.count per row in C; pandas' .str.count goes through a regex and is 50x slower.
+    counts = np.array([t.count(" ") + 1 for t in texts])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # older numpy warns on a bad token instead of raising
+            flat = np.fromstring(" ".join(texts), dtype=np.int64, sep=" ")
+    except ValueError:  # a token that is not an integer; the row-by-row pass names it
+        flat = np.empty(0, dtype=np.int64)
+    if flat.size == n * PIXELS and (counts == PIXELS).all():
+        grid = flat.reshape(n, PIXELS)
+        out_of_range = np.flatnonzero(((grid < 0) | (grid > 255)).any(axis=1))
+        problems = {int(r): _range_problem(grid[r]) for r in out_of_range}
+        return grid.clip(0, 255).astype(np.uint8).reshape(n, 48, 48), problems
+    images = np.zeros((n, PIXELS), dtype=np.uint8)
+    problems = {}
+    for row, text in enumerate(tqdm(pixels, desc="checking rows", leave=False)):
+        parsed = _parse_row(text)
+        if isinstance(parsed, str):
+            problems[row] = parsed
+        else:
+            images[row] = parsed
+    return images.reshape(n, 48, 48), problems
+
+
+def _parse_row(text: str) -> np.ndarray | str:
+    tokens = text.split()
+    if len(tokens) != PIXELS:
+        return f"column 'pixels' has {len(tokens)} values, expected {PIXELS} (48x48)"
+    try:
+        values = np.array([int(t) for t in tokens], dtype=np.int64)
+    except ValueError:
+        bad = next(t for t in tokens if not t.lstrip("-").isdigit())
+        return f"column 'pixels' has {bad!r}, expected integers 0..255"
+    if values.min() < 0 or values.max() > 255:
+        return _range_problem(values)
+    return values.astype(np.uint8)
+
+
+def _range_problem(values: np.ndarray) -> str:
+    bad = values[(values < 0) | (values > 255)][0]
+    return f"column 'pixels' has value {bad}, expected 0..255"
+
+
+def _handle_problems(
+    source: Path, problems: dict[int, str], names: np.ndarray, skip: bool, unit: str
+) -> np.ndarray:
+    """Raise on the first bad row, or (skip=True) log them all and return the rows to keep."""
+    keep = np.ones(len(names), dtype=bool)
+    if not problems:
+        return keep
+    rows = sorted(problems)
+
+    def where(r: int) -> str:
+        line = f" (line {r + 2})" if unit == "row" else ""
+        return f"{source}: {unit} {r + 1}{line}, {names[r]!r}: {problems[r]}"
+
+    if not skip:
+        more = f" ... and {len(rows) - 1} more bad {unit}s." if len(rows) > 1 else ""
+        raise DataError(f"{where(rows[0])}.{more} Pass --skip-bad-rows to skip bad {unit}s.")
+    for r in rows[:20]:
+        log.warning("skipping %s", where(r))
+    log.warning("skipped %d bad %s(s) of %d in %s", len(rows), unit, len(names), source)
+    keep[rows] = False
+    return keep
+
+
+# --- UTKFace folder ----------------------------------------------------------------------------
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+
+
+def read_utkface(folder: Path, digest: str = "", skip_bad_rows: bool = False) -> FaceSet:
+    """Decode <age>_<gender>_<race>_<date>.jpg files: labels from names, pixels as the CSV was made."""
+    files = _image_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no .jpg/.jpeg/.png files; expected UTKFace images named "
+                        "<age>_<gender>_<race>_<datetime>.jpg.chip.jpg")
+    names = np.array([f.name for f in files])
+    problems: dict[int, str] = {}
+    label_rows = np.zeros((len(files), 3), dtype=np.int64)
+    for i, f in enumerate(files):
+        parsed = _utk_labels(f.name)
+        if isinstance(parsed, str):
+            problems[i] = parsed
+        else:
+            label_rows[i] = parsed
+    images = np.zeros((len(files), 48, 48), dtype=np.uint8)
+    # Pillow releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor() as pool:
+        decoded = pool.map(_decode_image, files)
+        for i, result in enumerate(tqdm(decoded, total=len(files), desc="decoding images")):
+            if isinstance(result, str):
+                problems.setdefault(i, result)
+            else:
+                images[i] = result
+    keep = _handle_problems(folder, problems, names, skip_bad_rows, unit="file")
+    return FaceSet(
+        images=images[keep], age=label_rows[keep, 0].astype(np.int16),
+        ethnicity=label_rows[keep, 2].astype(np.int8), gender=label_rows[keep, 1].astype(np.int8),
+        names=np.array([UTK_NAME.match(n)[4] if UTK_NAME.match(n) else n for n in names[keep]]),
+        fingerprint=digest,
+    )
+
+
+def _utk_labels(name: str) -> tuple[int, int, int] | str:
+    m = UTK_NAME.match(name)
+    if not m:
+        return "file name is not <age>_<gender>_<race>_<datetime>.jpg"
+    age, gender, race = (int(g) for g in m.groups()[:3])
+    for field, value in (("age", age), ("gender", gender), ("ethnicity", race)):
+        lo, hi = LABEL_RANGES[field]
+        if not lo <= value <= hi:
+            return f"{field} {value} in the file name, expected {lo}..{hi}"
+    return age, gender, race
+
+
+def _decode_image(file: Path) -> np.ndarray | str:
+    try:
+        return preprocess.load_gray48(file)
+    except Exception as e:  # Pillow raises many types for corrupt files
+        return f"not a readable image ({type(e).__name__}: {e})"
+
+
+# --- split -------------------------------------------------------------------------------------
+
+
+def split(
+    faces: FaceSet, edges: tuple[int, ...], seed: int, test_fraction: float, val_fraction: float
+) -> Split:
+    """Stratified by (age bracket, ethnicity, gender); same inputs give the same split."""
+    strata = (labels.age_bracket(faces.age, edges) * 100 + faces.ethnicity * 10 + faces.gender)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for stratum in np.unique(strata):
+        idx = rng.permutation(np.flatnonzero(strata == stratum))
+        n_test = round(len(idx) * test_fraction)
+        n_val = round((len(idx) - n_test) * val_fraction)
+        parts["test"].append(idx[:n_test])
+        parts["val"].append(idx[n_test : n_test + n_val])
+        parts["train"].append(idx[n_test + n_val :])
+    return Split(**{k: np.sort(np.concatenate(v)) for k, v in parts.items()}, seed=seed)

@@ -1,0 +1,121 @@
+"""MLflow logging through MlflowClient by run id: a parent run per invocation, a child run per trial.
+
+No fluent API (mlflow.start_run) anywhere: it keeps one "active run" per thread, which breaks with
+n_jobs > 1 and when several processes share a study. Run ids passed explicitly work everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import optuna
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ATTR = "mlflow_run_id"
+STATUS = {
+    optuna.trial.TrialState.COMPLETE: "FINISHED",
+    optuna.trial.TrialState.PRUNED: "FINISHED",  # a pruned trial ran as intended; its tag says so
+    optuna.trial.TrialState.FAIL: "FAILED",
+}
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    """The experiment's id, creating it (artifacts under artifact_root for a local store)."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    # A tracking server decides where artifacts go; a local database store needs to be told.
+    local = not client.tracking_uri.startswith(("http://", "https://", "databricks"))
+    location = (Path(artifact_root) / name).resolve().as_uri() if local else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another worker created it a moment ago
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_parent(client: MlflowClient, experiment_id: str, study: str, tags: dict) -> str:
+    name = f"{study}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(experiment_id, run_name=name, tags={"optuna.study": study, **tags})
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_json(client: MlflowClient, run_id: str, obj: dict, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(obj, indent=2, default=str))
+        client.log_artifact(run_id, str(path))
+
+
+class TrialLogger:
+    """Opens a child run when a trial starts, logs its epochs, and closes it as an Optuna callback."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str, tags: dict):
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.tags = tags
+
+    def start(self, trial: optuna.Trial) -> str:
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+            MLFLOW_RUN_NAME: f"trial-{trial.number}",
+            "optuna.study": trial.study.study_name,
+            "optuna.trial_number": str(trial.number),
+            "state": "RUNNING",
+            **self.tags,
+        }
+        run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        log_metrics(self.client, run_id, {"trial_number": trial.number})
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
+        log_metrics(self.client, run_id, metrics, step=epoch)
+
+    def fail(self, run_id: str, error: BaseException, status: str = "FAILED") -> None:
+        """Record why a trial failed; for interrupts also close the run (no callback will)."""
+        message = f"{type(error).__name__}: {error}"[:5000]
+        self.client.set_tag(run_id, "error", message)
+        self.client.set_tag(run_id, "traceback", "".join(traceback.format_exception(error))[-5000:])
+        if status != "FAILED":
+            self.client.set_tag(run_id, "state", "FAIL")
+            self.client.set_terminated(run_id, status=status)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id is None:  # the trial failed before its run was created
+            return
+        log_params(self.client, run_id, trial.params)
+        metrics = {}
+        if trial.duration is not None:
+            metrics["duration_s"] = trial.duration.total_seconds()
+        if trial.value is not None:
+            metrics["objective"] = trial.value
+        if metrics:
+            log_metrics(self.client, run_id, metrics)
+        self.client.set_tag(run_id, "state", trial.state.name)
+        self.client.set_terminated(run_id, status=STATUS.get(trial.state, "KILLED"))
+

@@ -1,0 +1,192 @@
+"""The Optuna study: data in, one objective per trial, every trial logged to MLflow."""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from pipeline import data, labels, model, report, samplers, space, tracking, train
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Recorded on the study when it is created; a later run on the same study must agree, so that
+# trials stay comparable and train-best rebuilds exactly the split the study selected on.
+STUDY_ATTRS = ("data_fingerprint", "split_digest", "space", "metric", "age_edges")
+LIBRARIES = ("torch", "optuna", "mlflow", "numpy", "scikit-optimize", "madgrad", "faceopt")
+
+
+class StudyMismatch(ValueError):
+    """The named study was created with other data, split, space or metric."""
+
+
+def study_attrs(settings: Settings, faces: data.FaceSet, split: data.Split) -> dict:
+    return {
+        "data_fingerprint": faces.fingerprint,
+        "split_digest": split.digest(),
+        "split_seed": split.seed,
+        "test_fraction": settings.test_fraction,
+        "val_fraction": settings.val_fraction,
+        "space": settings.space,
+        "metric": settings.metric,
+        "age_edges": list(settings.age_edges),
+    }
+
+
+def open_study(settings: Settings, attrs: dict) -> optuna.Study:
+    """Create the study or load it (load_if_exists), checking it was made with the same setup."""
+    study = optuna.create_study(
+        storage=settings.storage,
+        study_name=settings.study,
+        direction="maximize",
+        pruner=samplers.make_pruner(settings.pruner, settings.epochs),
+        load_if_exists=True,
+    )
+    # A resumed study must not replay the same random draws: seed by how far the study got.
+    study.sampler = samplers.make_sampler(
+        settings.sampler, settings.seed + len(study.trials), **settings.sampler_args
+    )
+    recorded = study.user_attrs
+    if not recorded:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        return study
+    for key in STUDY_ATTRS:
+        if recorded.get(key) != attrs[key]:
+            raise StudyMismatch(
+                f"study {settings.study!r} in {settings.storage} was created with {key}="
+                f"{recorded.get(key)!r}, this run has {attrs[key]!r}; use the same settings "
+                "to add trials to it, or a new STUDY name"
+            )
+    return study
+
+
+def make_objective(
+    settings: Settings,
+    train_set: train.Tensors,
+    val_set: train.Tensors,
+    logger: tracking.TrialLogger,
+) -> Callable[[optuna.Trial], float]:
+    """Objective: suggest params, build, train; report every epoch and stop when pruned."""
+    key = train.metric_key(settings.metric)
+    classes = labels.num_classes(settings.age_edges)
+    device = train_set.x.device
+
+    def objective(trial: optuna.Trial) -> float:
+        run_id = logger.start(trial)
+        try:
+            params = space.suggest(trial, settings.space)
+            tracking.log_params(logger.client, run_id, params)
+            seed = settings.seed + trial.number
+            train.seed_everything(seed)
+            net = model.build(params, classes).to(device)
+
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                logger.log_epoch(run_id, epoch, metrics)
+                trial.report(metrics[key], epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+            history = train.fit(net, params, train_set, val_set, settings.epochs, seed, on_epoch)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            logger.fail(run_id, e)
+            raise
+        except BaseException as e:  # Ctrl-C: Optuna runs no callback, so close the run here
+            logger.fail(run_id, e, status="KILLED")
+            raise
+        values = [h[key] for h in history]
+        trial.set_user_attr("best_epoch", int(np.argmax(values)))
+        return max(values)
+
+    return objective
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def run(settings: Settings) -> dict:
+    """Run settings.n_trials more trials on the study; returns its summary."""
+    faces = data.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
+    split = data.split(
+        faces, settings.age_edges, settings.seed, settings.test_fraction, settings.val_fraction
+    )
+    attrs = study_attrs(settings, faces, split)
+    study = open_study(settings, attrs)
+    device = train.select_device()
+    log.info("device: %s; %d faces, split %s", device, len(faces), split.summary())
+    train_set = train.to_tensors(faces, split.train, settings.age_edges, device)
+    val_set = train.to_tensors(faces, split.val, settings.age_edges, device)
+
+    client = tracking.client_for(settings.tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, settings.study, settings.artifact_root)
+    run_tags = {"device": str(device), "sampler": settings.sampler, "pruner": settings.pruner}
+    parent = tracking.start_parent(
+        client, experiment_id, settings.study, {**run_tags, "data.fingerprint": faces.fingerprint}
+    )
+    _log_setup(client, parent, settings, attrs, split)
+    logger = tracking.TrialLogger(client, experiment_id, parent, run_tags)
+    status = "FAILED"
+    try:
+        study.optimize(
+            make_objective(settings, train_set, val_set, logger),
+            n_trials=settings.n_trials,
+            timeout=settings.timeout,
+            n_jobs=settings.n_jobs,
+            callbacks=[logger],
+            catch=(Exception,),  # a failed trial is recorded as FAIL; the study goes on
+            show_progress_bar=True,
+        )
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        _close_parent(client, parent, study, status, settings.metric)
+    return report.summary(study)
+
+
+def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data.Split) -> None:
+    """What a reader of the parent run needs to reproduce it: settings, data, split, versions."""
+    params = settings.model_dump(include={
+        "data", "storage", "n_trials", "timeout", "epochs", "space", "metric", "sampler",
+        "sampler_args", "pruner", "n_jobs", "seed", "test_fraction", "val_fraction", "age_edges",
+    })
+    tracking.log_params(client, run_id, params | {f"split_{k}": v for k, v in split.summary().items()})
+    tracking.log_json(client, run_id, {"study_attrs": attrs, "versions": versions()}, "setup.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "split.npz"
+        np.savez(path, train=split.train, val=split.val, test=split.test)
+        client.log_artifact(run_id, str(path))
+
+
+def _close_parent(client, run_id: str, study: optuna.Study, status: str, metric: str) -> None:
+    """Summary and plots on the parent run; never lets a plotting problem hide the study's result."""
+    summary = report.summary(study)
+    try:
+        numbers = {k: summary[k] for k in ("trials", "complete", "pruned", "fail")}
+        if "best_value" in summary and math.isfinite(summary["best_value"]):
+            numbers["best_value"] = summary["best_value"]
+        tracking.log_metrics(client, run_id, numbers)
+        tracking.log_json(client, run_id, summary, "summary.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in report.write_plots(study, Path(tmp), f"val {metric} accuracy"):
+                client.log_artifact(run_id, str(path), artifact_path="plots")
+    finally:
+        client.set_terminated(run_id, status=status)

@@ -1,0 +1,79 @@
+"""Fixtures: tiny synthetic faces in tmp_path; Optuna and MLflow stores under tmp_path; no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import Settings
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_CSV = REAL_DATA / "age_gender.csv.gz"
+
+
+def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
+    """Rows in the Kaggle layout whose pixels carry a learnable signal for every label."""
+    rng = np.random.default_rng(seed)
+    age = rng.integers(1, 90, n)
+    eth = rng.integers(0, 5, n)
+    gender = rng.integers(0, 2, n)
+    base = rng.normal(120, 20, (n, 48, 48))
+    base[:, :8, :] += (age[:, None, None] / 90) * 80  # forehead brightness ~ age
+    base[:, 40:, :] += eth[:, None, None] * 15
+    base[:, :, :6] += gender[:, None, None] * 60
+    pixels = np.clip(base, 0, 255).astype(np.uint8).reshape(n, -1)
+    return pd.DataFrame({
+        "age": age, "ethnicity": eth, "gender": gender,
+        "img_name": [f"2017010{i:09d}.jpg.chip.jpg" for i in range(n)],
+        "pixels": [" ".join(map(str, row)) for row in pixels],
+    })
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    df.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def faces_csv(tmp_path: Path) -> Path:
+    return write_csv(synthetic_faces(240), tmp_path / "age_gender.csv")
+
+
+@pytest.fixture
+def utk_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "UTKFace"
+    folder.mkdir()
+    df = synthetic_faces(12, seed=1)
+    for row in df.itertuples():
+        img = np.array(row.pixels.split(), dtype=np.uint8).reshape(48, 48)
+        rgb = Image.fromarray(img).resize((200, 200)).convert("RGB")
+        rgb.save(folder / f"{row.age}_{row.gender}_{row.ethnicity}_{row.img_name}")
+    return folder
+
+
+@pytest.fixture
+def settings(tmp_path: Path, faces_csv: Path) -> Settings:
+    """Settings for a fast study: tiny data, 2 epochs, stores under tmp_path."""
+    return Settings(
+        data=faces_csv,
+        cache_dir=tmp_path / "cache",
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_root=tmp_path / "mlruns",
+        study="test-study",
+        n_trials=3,
+        epochs=2,
+        sampler="random",
+        pruner="none",
+    )
+
+
+@pytest.fixture
+def real_csv() -> Path:
+    if not REAL_CSV.exists():
+        pytest.skip(f"real dataset not found at {REAL_CSV}")
+    return REAL_CSV

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+from pipeline import labels, model, samplers, space
+from pipeline.samplers import PROPOSAL_ATTR
+
+CLASSES = labels.num_classes((0, 3, 18, 45, 64, 116))
+
+
+def extreme_params(arch: str, high: bool) -> dict:
+    """Every parameter of a space at its low or high end, through the space's own suggest()."""
+    if arch == "mlp":
+        n = 8 if high else 4
+        fixed = {"num_fc_layers": n, "last_fc": 64 if high else 8}
+        fixed |= {f"fc_output_feat_{i}": 64 if high else 8 for i in range(n)}
+        fixed |= {f"fc_dropout_{i}": 0.5 if high else 0.0 for i in range(n)}
+    else:
+        n = 4 if high else 2
+        fixed = {"num_conv_blocks": n, "kernel_size": 5 if high else 3, "batch_norm": high,
+                 "pooling": "max" if high else "avg", "last_fc": 256 if high else 32,
+                 "fc_dropout": 0.5 if high else 0.0}
+        fixed |= {f"conv_channels_{i}": 128 if high else 16 for i in range(n)}
+        fixed |= {f"conv_dropout_{i}": 0.5 if high else 0.0 for i in range(n)}
+    fixed |= {"optimizer": "SGD", "lr": 1e-2 if high else 1e-4, "batch_size": 256 if high else 32}
+    return space.suggest(optuna.trial.FixedTrial(fixed), arch)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("high", [False, True])
+def test_model_builds_and_runs_at_the_extremes(arch: str, high: bool) -> None:
+    params = extreme_params(arch, high)
+    net = model.build(params, CLASSES)
+    out = net(torch.rand(3, 1, 48, 48))
+    assert {h: tuple(t.shape) for h, t in out.items()} == {"age": (3, 5), "ethnicity": (3, 5),
+                                                            "gender": (3, 2)}
+    out["age"].sum().backward()  # gradients flow through the whole body
+
+
+def test_unknown_space_and_arch_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown search space 'rnn'"):
+        space.suggest(optuna.trial.FixedTrial({}), "rnn")
+    with pytest.raises(ValueError, match="unknown arch 'rnn'"):
+        model.build({"arch": "rnn"}, CLASSES)
+
+
+def mixed_space(trial: optuna.Trial) -> float:
+    """Every parameter kind: int, int log, int step, float, float log, float step, categorical,
+    plus conditional ones, on top of the real mlp space."""
+    params = space.suggest_mlp(trial)
+    trial.suggest_int("int_log", 1, 1000, log=True)
+    trial.suggest_int("int_step", 0, 30, step=5)
+    trial.suggest_float("float_step", 0.0, 1.0, step=0.25)
+    trial.suggest_categorical("mixed", [None, 1, "two", 3.5])
+    if trial.suggest_categorical("branch", ["a", "b"]) == "a":
+        trial.suggest_float("only_a", -1.0, 1.0)
+    return params["lr"] * 100 + params["last_fc"] / 64 - params["num_fc_layers"] / 8
+
+
+@pytest.mark.parametrize("name", ["tpe", "random", "skopt", "gp", "cmaes", "qmc"])
+def test_every_sampler_proposes_in_bounds(name: str) -> None:
+    kwargs = {"n_initial_points": 3} if name == "skopt" else {}
+    study = optuna.create_study(
+        direction="maximize", sampler=samplers.make_sampler(name, seed=0, **kwargs)
+    )
+    study.optimize(mixed_space, n_trials=12)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for t in study.trials:
+        for param, dist in t.distributions.items():
+            assert dist._contains(dist.to_internal_repr(t.params[param])), (param, t.params[param])
+        n = t.params["num_fc_layers"]
+        assert {f"fc_output_feat_{i}" for i in range(n)} <= t.params.keys()
+        assert f"fc_output_feat_{n}" not in t.params
+    if name == "skopt":  # after its initial points it really asks scikit-optimize
+        asked = [t for t in study.trials if PROPOSAL_ATTR in t.system_attrs]
+        assert len(asked) >= 10
+        t = asked[-1]
+        proposal = t.system_attrs[PROPOSAL_ATTR]
+        shared = [p for p in proposal if p in t.params]
+        assert shared and all(t.params[p] == proposal[p] for p in shared)
+
+
+def test_skopt_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="base_estimator 'XX'"):
+        samplers.make_sampler("skopt", 0, base_estimator="XX")
+    with pytest.raises(ValueError, match="bad sampler arguments for 'tpe'"):
+        samplers.make_sampler("tpe", 0, nonsense=1)
+    with pytest.raises(ValueError, match="unknown pruner 'x'"):
+        samplers.make_pruner("x", 5)
+
+
+@pytest.mark.parametrize("estimator", ["ET", "RF", "GP", "GBRT"])
+def test_skopt_estimators_and_acquisitions(estimator: str) -> None:
+    sampler = samplers.make_sampler(
+        "skopt", 1, base_estimator=estimator, n_initial_points=2, acq_func="EI",
+        acq_func_kwargs={"xi": 0.02}, consider_pruned_trials=True,
+    )
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", -2, 2) - 1) ** 2 + t.suggest_int("k", 0, 3),
+                   n_trials=8)
+    assert len(study.trials) == 8 and study.best_value < 1.5

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import cli, train, tune
+from pipeline.config import Settings
+from tests.conftest import synthetic_faces, write_csv
+
+
+class PruneTrialOne(optuna.pruners.BasePruner):
+    """Deterministic pruning, through Optuna's real should_prune path."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number == 1
+
+
+def child_runs(settings: Settings) -> tuple[MlflowClient, dict, list]:
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.study)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, {p.info.run_id: p for p in parents}, children
+
+
+def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> None:
+    monkeypatch.setattr(tune.samplers, "make_pruner", lambda name, epochs: PruneTrialOne())
+    real_fit = train.fit
+
+    def fit_failing_trial_two(net, params, *args, **kwargs):
+        if kwargs.get("seed", args[3] if len(args) > 3 else None) == settings.seed + 2:
+            raise RuntimeError("boom in trial 2")
+        return real_fit(net, params, *args, **kwargs)
+
+    monkeypatch.setattr(tune.train, "fit", fit_failing_trial_two)
+    summary = tune.run(settings.model_copy(update={"n_trials": 4}))
+    assert (summary["trials"], summary["complete"], summary["pruned"], summary["fail"]) == (4, 2, 1, 1)
+
+    client, parents, children = child_runs(settings)
+    assert len(parents) == 1 and len(children) == 4
+    parent_id = next(iter(parents))
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    assert sorted(by_number) == [0, 1, 2, 3]
+    expected = {0: ("COMPLETE", "FINISHED"), 1: ("PRUNED", "FINISHED"), 2: ("FAIL", "FAILED"),
+                3: ("COMPLETE", "FINISHED")}
+    for number, (state, status) in expected.items():
+        run = by_number[number]
+        assert run.data.tags["state"] == state and run.info.status == status
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.data.tags["sampler"] == "random" and run.data.tags["device"] == "cpu"
+        assert run.data.metrics["trial_number"] == number
+    assert "boom in trial 2" in by_number[2].data.tags["error"]
+    for number, epochs in ((0, 2), (1, 1), (3, 2)):
+        history = client.get_metric_history(by_number[number].info.run_id, "val_age_acc")
+        assert [m.step for m in history] == list(range(epochs))
+        for key in ("val_ethnicity_acc", "val_gender_acc", "train_loss", "val_loss"):
+            assert len(client.get_metric_history(by_number[number].info.run_id, key)) == epochs
+    assert by_number[0].data.params["num_fc_layers"] == str(
+        optuna.load_study(study_name=settings.study, storage=settings.storage).trials[0].params[
+            "num_fc_layers"]
+    )
+    assert by_number[0].data.metrics["duration_s"] > 0
+
+    parent = parents[parent_id]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["pruned"] == 1
+    assert parent.data.tags["data.fingerprint"] and parent.data.params["split_digest"]
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"summary.json", "setup.json", "split.npz", "plots"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
+    assert {"study_plots.html", "optimization_history.png", "intermediate_values.png",
+            "timeline.png"} <= plots
+
+
+def test_second_run_resumes_the_study(settings: Settings) -> None:
+    tune.run(settings.model_copy(update={"n_trials": 2}))
+    summary = tune.run(settings.model_copy(update={"n_trials": 2}))
+    assert summary["trials"] == 4
+    study = optuna.load_study(study_name=settings.study, storage=settings.storage)
+    params = [t.params for t in study.trials]
+    assert params[2] != params[0] and params[3] != params[1]  # no replay of the first draws
+    _, parents, children = child_runs(settings)
+    assert len(parents) == 2 and len(children) == 4
+
+
+def test_study_with_other_data_is_refused(settings: Settings, tmp_path: Path) -> None:
+    tune.run(settings.model_copy(update={"n_trials": 1}))
+    other = write_csv(synthetic_faces(240, seed=9), tmp_path / "other.csv")
+    with pytest.raises(tune.StudyMismatch, match="data_fingerprint"):
+        tune.run(settings.model_copy(update={"n_trials": 1, "data": other}))
+    study = optuna.load_study(study_name=settings.study, storage=settings.storage)
+    assert len(study.trials) == 1
+
+
+def test_parallel_threads_log_every_trial(settings: Settings) -> None:
+    summary = tune.run(settings.model_copy(update={"n_trials": 4, "n_jobs": 2, "sampler": "tpe"}))
+    assert summary["complete"] == 4
+    _, _, children = child_runs(settings)
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    assert len({r.data.tags["optuna.trial_number"] for r in children}) == 4
+
+
+def test_cli_tune_prints_the_summary(settings: Settings, capsys) -> None:
+    code = cli.main([
+        "tune", "--data", str(settings.data), "--storage", settings.storage,
+        "--tracking-uri", settings.tracking_uri, "--study", "cli", "--n-trials", "2",
+        "--epochs", "1", "--sampler", "skopt", "--sampler-args", '{"n_initial_points": 1}',
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Number of finished trials: 2" in out and "Best trial: #" in out
+
+
+def test_cli_errors_say_what_to_do(tmp_path: Path, capsys) -> None:
+    code = cli.main(["tune", "--data", str(tmp_path / "missing.csv"),
+                     "--storage", f"sqlite:///{tmp_path}/o.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "No dataset at" in err and "make data" in err and "DATA=" in err
+    assert cli.main(["tune", "--data", str(tmp_path), "--sampler", "nope"]) == 2
+    assert "sampler" in capsys.readouterr().err
