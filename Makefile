@@ -18,7 +18,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune ui test lint
+.PHONY: help setup data tune ui test lint bench
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,3 +49,6 @@ test: setup ## run the tests (real-data tests use ../shared/data when present)
 lint: setup ## ruff check and format check
 	$(BIN)/ruff check pipeline serving tests
 	$(BIN)/ruff format --check pipeline serving tests
+
+bench: setup ## benchmarks on the real data (DATA=...), table printed and saved under bench/results/
+	$(BIN)/python -m bench.run $(call flag,DATA,data)

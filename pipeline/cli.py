@@ -35,8 +35,12 @@ TUNE = {
     "--space": ("space", str, "search space: mlp or cnn"),
     "--metric": ("metric", str, "validation accuracy to maximise: age, ethnicity, gender, mean"),
     "--sampler": ("sampler", str, "tpe, random, skopt, gp, cmaes or qmc"),
-    "--sampler-args": ("sampler_args", json.loads, "JSON of sampler arguments, e.g. "
-                       '\'{"base_estimator": "ET", "acq_func_kwargs": {"xi": 0.02}}\''),
+    "--sampler-args": (
+        "sampler_args",
+        json.loads,
+        "JSON of sampler arguments, e.g. "
+        '\'{"base_estimator": "ET", "acq_func_kwargs": {"xi": 0.02}}\'',
+    ),
     "--pruner": ("pruner", str, "median, hyperband, successive-halving, percentile or none"),
     "--n-jobs": ("n_jobs", int, "trials in parallel threads within this process"),
 }
@@ -71,7 +75,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     has_token = (
         os.environ.get("KAGGLE_API_TOKEN")
         or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"))
-        or (Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle")) / "kaggle.json").exists()
+        or (
+            Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle")) / "kaggle.json"
+        ).exists()
     )
     if not has_token:
         print(
@@ -85,8 +91,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 2
     kaggle = shutil.which("kaggle")
     if kaggle is None:
-        print("The Kaggle client is not installed: run `pip install kaggle` (or `make data`, which "
-              "installs it).", file=sys.stderr)
+        print(
+            "The Kaggle client is not installed: run `pip install kaggle` (or `make data`, which "
+            "installs it).",
+            file=sys.stderr,
+        )
         return 2
     target.mkdir(parents=True, exist_ok=True)
     cmd = [kaggle, "datasets", "download", "-d", KAGGLE_DATASET, "-p", str(target), "--unzip"]
@@ -103,10 +112,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"Tracking goes to a server; its UI is at {settings.tracking_uri}")
         return 0
     cmd = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", settings.tracking_uri,
-        "--default-artifact-root", Path(settings.artifact_root).resolve().as_uri(),
-        "--host", args.host, "--port", str(args.port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--default-artifact-root",
+        Path(settings.artifact_root).resolve().as_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
     ]
     log.info("MLflow UI on http://%s:%s for %s", args.host, args.port, settings.tracking_uri)
     return subprocess.call(cmd)
@@ -120,8 +137,13 @@ def parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="run (or resume) an Optuna study, logging to MLflow")
     _add(tune, COMMON)
     _add(tune, TUNE)
-    tune.add_argument("--skip-bad-rows", dest="skip_bad_rows", action="store_true", default=None,
-                      help="report and skip malformed rows instead of stopping")
+    tune.add_argument(
+        "--skip-bad-rows",
+        dest="skip_bad_rows",
+        action="store_true",
+        default=None,
+        help="report and skip malformed rows instead of stopping",
+    )
     tune.set_defaults(func=cmd_tune)
 
     dl = sub.add_parser("data", help="download age_gender.csv from Kaggle")

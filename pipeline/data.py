@@ -137,8 +137,12 @@ def _cache_path(path: Path, cache_dir: Path, digest: str, skip_bad_rows: bool) -
 def _read_cache(cache: Path, digest: str) -> FaceSet:
     with np.load(cache, allow_pickle=False) as z:
         return FaceSet(
-            images=z["images"], age=z["age"], ethnicity=z["ethnicity"], gender=z["gender"],
-            names=z["names"], fingerprint=digest,
+            images=z["images"],
+            age=z["age"],
+            ethnicity=z["ethnicity"],
+            gender=z["gender"],
+            names=z["names"],
+            fingerprint=digest,
         )
 
 
@@ -149,8 +153,12 @@ def _write_cache(cache: Path, faces: FaceSet) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(
-                f, images=faces.images, age=faces.age, ethnicity=faces.ethnicity,
-                gender=faces.gender, names=faces.names,
+                f,
+                images=faces.images,
+                age=faces.age,
+                ethnicity=faces.ethnicity,
+                gender=faces.gender,
+                names=faces.names,
             )
         os.replace(tmp, cache)
     except BaseException:
@@ -167,7 +175,13 @@ def read_csv(path: Path, digest: str = "", skip_bad_rows: bool = False) -> FaceS
     log.info("decoding %s", path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as e:
+    except (
+        pd.errors.ParserError,
+        pd.errors.EmptyDataError,
+        UnicodeDecodeError,
+        OSError,
+        EOFError,
+    ) as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from e
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
@@ -182,9 +196,12 @@ def read_csv(path: Path, digest: str = "", skip_bad_rows: bool = False) -> FaceS
         problems.setdefault(row, reason)
     keep = _handle_problems(path, problems, names, skip_bad_rows, unit="row")
     return FaceSet(
-        images=images[keep], age=values["age"][keep].astype(np.int16),
+        images=images[keep],
+        age=values["age"][keep].astype(np.int16),
         ethnicity=values["ethnicity"][keep].astype(np.int8),
-        gender=values["gender"][keep].astype(np.int8), names=names[keep], fingerprint=digest,
+        gender=values["gender"][keep].astype(np.int8),
+        names=names[keep],
+        fingerprint=digest,
     )
 
 
@@ -284,8 +301,10 @@ def read_utkface(folder: Path, digest: str = "", skip_bad_rows: bool = False) ->
     """Decode <age>_<gender>_<race>_<date>.jpg files: labels from names, pixels as the CSV was made."""
     files = _image_files(folder)
     if not files:
-        raise DataError(f"{folder}: no .jpg/.jpeg/.png files; expected UTKFace images named "
-                        "<age>_<gender>_<race>_<datetime>.jpg.chip.jpg")
+        raise DataError(
+            f"{folder}: no .jpg/.jpeg/.png files; expected UTKFace images named "
+            "<age>_<gender>_<race>_<datetime>.jpg.chip.jpg"
+        )
     names = np.array([f.name for f in files])
     problems: dict[int, str] = {}
     label_rows = np.zeros((len(files), 3), dtype=np.int64)
@@ -306,8 +325,10 @@ def read_utkface(folder: Path, digest: str = "", skip_bad_rows: bool = False) ->
                 images[i] = result
     keep = _handle_problems(folder, problems, names, skip_bad_rows, unit="file")
     return FaceSet(
-        images=images[keep], age=label_rows[keep, 0].astype(np.int16),
-        ethnicity=label_rows[keep, 2].astype(np.int8), gender=label_rows[keep, 1].astype(np.int8),
+        images=images[keep],
+        age=label_rows[keep, 0].astype(np.int16),
+        ethnicity=label_rows[keep, 2].astype(np.int8),
+        gender=label_rows[keep, 1].astype(np.int8),
         names=np.array([UTK_NAME.match(n)[4] if UTK_NAME.match(n) else n for n in names[keep]]),
         fingerprint=digest,
     )
@@ -339,7 +360,7 @@ def split(
     faces: FaceSet, edges: tuple[int, ...], seed: int, test_fraction: float, val_fraction: float
 ) -> Split:
     """Stratified by (age bracket, ethnicity, gender); same inputs give the same split."""
-    strata = (labels.age_bracket(faces.age, edges) * 100 + faces.ethnicity * 10 + faces.gender)
+    strata = labels.age_bracket(faces.age, edges) * 100 + faces.ethnicity * 10 + faces.gender
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for stratum in np.unique(strata):

@@ -14,8 +14,13 @@ log = logging.getLogger(__name__)
 # Contour and slice plots grow with the square / number of params; show the most important only.
 TOP_PARAMS = 4
 PLOTS = (
-    "optimization_history", "param_importances", "intermediate_values",
-    "parallel_coordinate", "slice", "contour", "timeline",
+    "optimization_history",
+    "param_importances",
+    "intermediate_values",
+    "parallel_coordinate",
+    "slice",
+    "contour",
+    "timeline",
 )
 
 
@@ -87,8 +92,10 @@ def write_plots(study: optuna.Study, out_dir: Path, target_name: str) -> list[Pa
             f"<h2>{name}</h2>" + fig.to_html(full_html=False, include_plotlyjs=(i == 0))
             for i, (name, fig) in enumerate(figures)
         ]
-        html.write_text(f"<html><head><meta charset='utf-8'><title>{study.study_name}</title>"
-                        f"</head><body>{''.join(parts)}</body></html>")
+        html.write_text(
+            f"<html><head><meta charset='utf-8'><title>{study.study_name}</title>"
+            f"</head><body>{''.join(parts)}</body></html>"
+        )
         written.append(html)
     return written
 
@@ -104,7 +111,9 @@ def _one_plot(study, name: str, kwargs: dict, out_dir: Path, figures: list, writ
         ax = getattr(pm, f"plot_{name}")(study, **kwargs)
         first = ax.flat[0] if hasattr(ax, "flat") else ax
         legend = first.get_legend()
-        if legend is not None and len(legend.get_texts()) > 12:  # one entry per trial drowns the plot
+        if (
+            legend is not None and len(legend.get_texts()) > 12
+        ):  # one entry per trial drowns the plot
             legend.remove()
         fig = first.get_figure()
         fig.savefig(out_dir / f"{name}.png", dpi=110, bbox_inches="tight")

@@ -43,7 +43,9 @@ class SkoptSampler(BaseSampler):
         seed: int | None = None,
     ):
         if base_estimator not in {"ET", "RF", "GP", "GBRT"}:
-            raise ValueError(f"skopt base_estimator {base_estimator!r}; expected ET, RF, GP or GBRT")
+            raise ValueError(
+                f"skopt base_estimator {base_estimator!r}; expected ET, RF, GP or GBRT"
+            )
         if acq_func not in {"EI", "PI", "LCB", "gp_hedge"}:
             raise ValueError(f"skopt acq_func {acq_func!r}; expected EI, PI, LCB or gp_hedge")
         self._options = {
@@ -93,7 +95,11 @@ class SkoptSampler(BaseSampler):
         return params
 
     def sample_independent(
-        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
     ) -> Any:
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
@@ -133,8 +139,9 @@ def _estimator(name: str):
             # skopt's own return_std path calls np.in1d, which numpy 2.4 removed.
             if not return_std or return_quantiles:
                 return super().predict(X, return_std=False, return_quantiles=return_quantiles)
-            low, mean, high = (self.regressors_[self.quantiles.index(q)].predict(X)
-                               for q in (0.16, 0.5, 0.84))
+            low, mean, high = (
+                self.regressors_[self.quantiles.index(q)].predict(X) for q in (0.16, 0.5, 0.84)
+            )
             return mean, (high - low) / 2.0
 
     return _GBRT(base_estimator=GradientBoostingRegressor(n_estimators=30, loss="quantile"))
@@ -197,7 +204,9 @@ def make_sampler(name: str, seed: int | None, **kwargs: Any) -> BaseSampler:
         "cmaes": lambda: optuna.samplers.CmaEsSampler(
             seed=seed, warn_independent_sampling=False, **kwargs
         ),
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False, **kwargs),
+        "qmc": lambda: optuna.samplers.QMCSampler(
+            seed=seed, warn_independent_sampling=False, **kwargs
+        ),
     }
     if name not in factories:
         raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(factories)}")

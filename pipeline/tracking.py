@@ -118,4 +118,3 @@ class TrialLogger:
             log_metrics(self.client, run_id, metrics)
         self.client.set_tag(run_id, "state", trial.state.name)
         self.client.set_terminated(run_id, status=STATUS.get(trial.state, "KILLED"))
-

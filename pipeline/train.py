@@ -50,7 +50,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_tensors(faces: FaceSet, rows: np.ndarray, edges: tuple[int, ...], device: torch.device) -> Tensors:
+def to_tensors(
+    faces: FaceSet, rows: np.ndarray, edges: tuple[int, ...], device: torch.device
+) -> Tensors:
     """Normalised inputs and targets for `rows`, moved to `device` once."""
     targets = {
         "age": labels.age_bracket(faces.age[rows], edges),
@@ -59,7 +61,9 @@ def to_tensors(faces: FaceSet, rows: np.ndarray, edges: tuple[int, ...], device:
     }
     return Tensors(
         x=preprocess.to_model_input(faces.images[rows]).to(device),
-        y={head: torch.as_tensor(t, dtype=torch.long, device=device) for head, t in targets.items()},
+        y={
+            head: torch.as_tensor(t, dtype=torch.long, device=device) for head, t in targets.items()
+        },
     )
 
 
@@ -77,7 +81,9 @@ def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
         from madgrad import MADGRAD
 
         return MADGRAD(parameters, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; expected Adam, Adadelta, RMSprop, SGD or MADGRAD")
+    raise ValueError(
+        f"unknown optimizer {name!r}; expected Adam, Adadelta, RMSprop, SGD or MADGRAD"
+    )
 
 
 def multitask_loss(logits: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -109,7 +115,10 @@ def fit(
 
 
 def train_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, data: Tensors, batch_size: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Tensors,
+    batch_size: int,
     generator: torch.Generator,
 ) -> float:
     """One pass in shuffled mini-batches; returns the mean training loss."""

@@ -164,11 +164,28 @@ def run(settings: Settings) -> dict:
 
 def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data.Split) -> None:
     """What a reader of the parent run needs to reproduce it: settings, data, split, versions."""
-    params = settings.model_dump(include={
-        "data", "storage", "n_trials", "timeout", "epochs", "space", "metric", "sampler",
-        "sampler_args", "pruner", "n_jobs", "seed", "test_fraction", "val_fraction", "age_edges",
-    })
-    tracking.log_params(client, run_id, params | {f"split_{k}": v for k, v in split.summary().items()})
+    params = settings.model_dump(
+        include={
+            "data",
+            "storage",
+            "n_trials",
+            "timeout",
+            "epochs",
+            "space",
+            "metric",
+            "sampler",
+            "sampler_args",
+            "pruner",
+            "n_jobs",
+            "seed",
+            "test_fraction",
+            "val_fraction",
+            "age_edges",
+        }
+    )
+    tracking.log_params(
+        client, run_id, params | {f"split_{k}": v for k, v in split.summary().items()}
+    )
     tracking.log_json(client, run_id, {"study_attrs": attrs, "versions": versions()}, "setup.json")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "split.npz"

@@ -26,11 +26,15 @@ def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
     base[:, 40:, :] += eth[:, None, None] * 15
     base[:, :, :6] += gender[:, None, None] * 60
     pixels = np.clip(base, 0, 255).astype(np.uint8).reshape(n, -1)
-    return pd.DataFrame({
-        "age": age, "ethnicity": eth, "gender": gender,
-        "img_name": [f"2017010{i:09d}.jpg.chip.jpg" for i in range(n)],
-        "pixels": [" ".join(map(str, row)) for row in pixels],
-    })
+    return pd.DataFrame(
+        {
+            "age": age,
+            "ethnicity": eth,
+            "gender": gender,
+            "img_name": [f"2017010{i:09d}.jpg.chip.jpg" for i in range(n)],
+            "pixels": [" ".join(map(str, row)) for row in pixels],
+        }
+    )
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:

@@ -19,9 +19,14 @@ def extreme_params(arch: str, high: bool) -> dict:
         fixed |= {f"fc_dropout_{i}": 0.5 if high else 0.0 for i in range(n)}
     else:
         n = 4 if high else 2
-        fixed = {"num_conv_blocks": n, "kernel_size": 5 if high else 3, "batch_norm": high,
-                 "pooling": "max" if high else "avg", "last_fc": 256 if high else 32,
-                 "fc_dropout": 0.5 if high else 0.0}
+        fixed = {
+            "num_conv_blocks": n,
+            "kernel_size": 5 if high else 3,
+            "batch_norm": high,
+            "pooling": "max" if high else "avg",
+            "last_fc": 256 if high else 32,
+            "fc_dropout": 0.5 if high else 0.0,
+        }
         fixed |= {f"conv_channels_{i}": 128 if high else 16 for i in range(n)}
         fixed |= {f"conv_dropout_{i}": 0.5 if high else 0.0 for i in range(n)}
     fixed |= {"optimizer": "SGD", "lr": 1e-2 if high else 1e-4, "batch_size": 256 if high else 32}
@@ -34,8 +39,11 @@ def test_model_builds_and_runs_at_the_extremes(arch: str, high: bool) -> None:
     params = extreme_params(arch, high)
     net = model.build(params, CLASSES)
     out = net(torch.rand(3, 1, 48, 48))
-    assert {h: tuple(t.shape) for h, t in out.items()} == {"age": (3, 5), "ethnicity": (3, 5),
-                                                            "gender": (3, 2)}
+    assert {h: tuple(t.shape) for h, t in out.items()} == {
+        "age": (3, 5),
+        "ethnicity": (3, 5),
+        "gender": (3, 2),
+    }
     out["age"].sum().backward()  # gradients flow through the whole body
 
 
@@ -94,10 +102,16 @@ def test_skopt_options_are_checked() -> None:
 @pytest.mark.parametrize("estimator", ["ET", "RF", "GP", "GBRT"])
 def test_skopt_estimators_and_acquisitions(estimator: str) -> None:
     sampler = samplers.make_sampler(
-        "skopt", 1, base_estimator=estimator, n_initial_points=2, acq_func="EI",
-        acq_func_kwargs={"xi": 0.02}, consider_pruned_trials=True,
+        "skopt",
+        1,
+        base_estimator=estimator,
+        n_initial_points=2,
+        acq_func="EI",
+        acq_func_kwargs={"xi": 0.02},
+        consider_pruned_trials=True,
     )
     study = optuna.create_study(sampler=sampler)
-    study.optimize(lambda t: (t.suggest_float("x", -2, 2) - 1) ** 2 + t.suggest_int("k", 0, 3),
-                   n_trials=8)
+    study.optimize(
+        lambda t: (t.suggest_float("x", -2, 2) - 1) ** 2 + t.suggest_int("k", 0, 3), n_trials=8
+    )
     assert len(study.trials) == 8 and study.best_value < 1.5

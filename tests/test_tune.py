@@ -38,15 +38,24 @@ def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> 
 
     monkeypatch.setattr(tune.train, "fit", fit_failing_trial_two)
     summary = tune.run(settings.model_copy(update={"n_trials": 4}))
-    assert (summary["trials"], summary["complete"], summary["pruned"], summary["fail"]) == (4, 2, 1, 1)
+    assert (summary["trials"], summary["complete"], summary["pruned"], summary["fail"]) == (
+        4,
+        2,
+        1,
+        1,
+    )
 
     client, parents, children = child_runs(settings)
     assert len(parents) == 1 and len(children) == 4
     parent_id = next(iter(parents))
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
     assert sorted(by_number) == [0, 1, 2, 3]
-    expected = {0: ("COMPLETE", "FINISHED"), 1: ("PRUNED", "FINISHED"), 2: ("FAIL", "FAILED"),
-                3: ("COMPLETE", "FINISHED")}
+    expected = {
+        0: ("COMPLETE", "FINISHED"),
+        1: ("PRUNED", "FINISHED"),
+        2: ("FAIL", "FAILED"),
+        3: ("COMPLETE", "FINISHED"),
+    }
     for number, (state, status) in expected.items():
         run = by_number[number]
         assert run.data.tags["state"] == state and run.info.status == status
@@ -60,8 +69,9 @@ def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> 
         for key in ("val_ethnicity_acc", "val_gender_acc", "train_loss", "val_loss"):
             assert len(client.get_metric_history(by_number[number].info.run_id, key)) == epochs
     assert by_number[0].data.params["num_fc_layers"] == str(
-        optuna.load_study(study_name=settings.study, storage=settings.storage).trials[0].params[
-            "num_fc_layers"]
+        optuna.load_study(study_name=settings.study, storage=settings.storage)
+        .trials[0]
+        .params["num_fc_layers"]
     )
     assert by_number[0].data.metrics["duration_s"] > 0
 
@@ -71,8 +81,12 @@ def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> 
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"summary.json", "setup.json", "split.npz", "plots"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
-    assert {"study_plots.html", "optimization_history.png", "intermediate_values.png",
-            "timeline.png"} <= plots
+    assert {
+        "study_plots.html",
+        "optimization_history.png",
+        "intermediate_values.png",
+        "timeline.png",
+    } <= plots
 
 
 def test_second_run_resumes_the_study(settings: Settings) -> None:
@@ -104,20 +118,48 @@ def test_parallel_threads_log_every_trial(settings: Settings) -> None:
 
 
 def test_cli_tune_prints_the_summary(settings: Settings, capsys) -> None:
-    code = cli.main([
-        "tune", "--data", str(settings.data), "--storage", settings.storage,
-        "--tracking-uri", settings.tracking_uri, "--study", "cli", "--n-trials", "2",
-        "--epochs", "1", "--sampler", "skopt", "--sampler-args", '{"n_initial_points": 1}',
-    ])
+    code = cli.main(
+        [
+            "tune",
+            "--data",
+            str(settings.data),
+            "--storage",
+            settings.storage,
+            "--tracking-uri",
+            settings.tracking_uri,
+            "--study",
+            "cli",
+            "--n-trials",
+            "2",
+            "--epochs",
+            "1",
+            "--sampler",
+            "skopt",
+            "--sampler-args",
+            '{"n_initial_points": 1}',
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "Number of finished trials: 2" in out and "Best trial: #" in out
 
 
 def test_cli_errors_say_what_to_do(tmp_path: Path, capsys) -> None:
-    code = cli.main(["tune", "--data", str(tmp_path / "missing.csv"),
-                     "--storage", f"sqlite:///{tmp_path}/o.db"])
+    code = cli.main(
+        ["tune", "--data", str(tmp_path / "missing.csv"), "--storage", f"sqlite:///{tmp_path}/o.db"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "No dataset at" in err and "make data" in err and "DATA=" in err
     assert cli.main(["tune", "--data", str(tmp_path), "--sampler", "nope"]) == 2
     assert "sampler" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_real_data_study(real_csv: Path, settings: Settings) -> None:
+    summary = tune.run(settings.model_copy(update={"data": real_csv, "n_trials": 2, "epochs": 1}))
+    assert summary["complete"] == 2
+    assert 0.45 < summary["best_value"] <= 1.0  # age-bracket accuracy after one epoch
+    _, parents, children = child_runs(settings)
+    assert len(children) == 2
+    assert next(iter(parents.values())).data.params["split_train"] == "13938"
