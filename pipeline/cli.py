@@ -45,6 +45,12 @@ TUNE = {
     "--n-jobs": ("n_jobs", int, "trials in parallel threads within this process"),
 }
 
+TRAIN_BEST = {
+    "--epochs": ("train_epochs", int, "most epochs to train (early stopping may end sooner)"),
+    "--patience": ("patience", int, "epochs without a better validation metric before stopping"),
+    "--model-name": ("model_name", str, "registered model name (default faceopt)"),
+}
+
 
 def _add(parser: argparse.ArgumentParser, flags: dict) -> None:
     for flag, (dest, kind, text) in flags.items():
@@ -66,6 +72,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     summary = tune.run(_settings(args))
     print(report.format_summary(summary))
+    return 0
+
+
+def cmd_train_best(args: argparse.Namespace) -> int:
+    from pipeline import train_best
+
+    promote = args.promote
+    del args.promote
+    result = train_best.run(_settings(args), promote=promote)
+    heads = ", ".join(f"{h} {result[f'test_{h}_acc']:.4f}" for h in ("age", "ethnicity", "gender"))
+    print(
+        f"Registered {result['model']} version {result['version']} as '{result['alias']}' "
+        f"(run {result['run_id']}).\n"
+        f"  Best trial #{result['trial']}: validation {result['trial_value']:.4f}\n"
+        f"  Test accuracy: {heads}\n"
+        f"  {result['epochs']} epochs (best {result['best_epoch']}) on {result['device']} "
+        f"({result['precision']}) in {result['wall_s']:.0f} s"
+    )
     return 0
 
 
@@ -145,6 +169,12 @@ def parser() -> argparse.ArgumentParser:
         help="report and skip malformed rows instead of stopping",
     )
     tune.set_defaults(func=cmd_tune)
+
+    best = sub.add_parser("train-best", help="retrain the best trial, test it, register it")
+    _add(best, COMMON)
+    _add(best, TRAIN_BEST)
+    best.add_argument("--promote", action="store_true", help="make it champion even if worse")
+    best.set_defaults(func=cmd_train_best)
 
     dl = sub.add_parser("data", help="download age_gender.csv from Kaggle")
     dl.add_argument("--dir", default="data", help="where to put it (default: data/)")

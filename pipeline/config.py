@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     n_jobs: int = Field(1, ge=1)
     seed: int = 42
 
+    train_epochs: int = Field(50, ge=1)  # train-best: the most epochs; early stopping ends sooner
+    patience: int = Field(5, ge=1)  # train-best: epochs without a better validation metric
+    model_name: str = "faceopt"  # the registered model
+
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # of what is left after the test split
     age_edges: tuple[int, ...] = (0, 3, 18, 45, 64, 116)

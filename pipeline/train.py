@@ -19,7 +19,9 @@ from pipeline.data import FaceSet
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 2048
-OnEpoch = Callable[[int, dict[str, float]], None]
+# Called after each epoch with its metrics; a truthy return stops training (early stopping),
+# and an exception (optuna.TrialPruned) propagates.
+OnEpoch = Callable[[int, dict[str, float]], bool | None]
 
 
 @dataclass
@@ -31,6 +33,33 @@ class Tensors:
 
     def __len__(self) -> int:
         return len(self.x)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype (None: plain fp32); fp16 also needs a gradient scaler against underflow."""
+
+    dtype: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+
+FP32 = Precision()
+
+
+def select_precision(device: torch.device) -> Precision:
+    """Mixed precision on CUDA: bf16 where supported (Ampere and later), else fp16; fp32 elsewhere."""
+    if device.type != "cuda":
+        return FP32
+    return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def select_device(name: str | None = None) -> torch.device:
@@ -59,11 +88,12 @@ def to_tensors(
         "ethnicity": faces.ethnicity[rows].astype(np.int64),
         "gender": faces.gender[rows].astype(np.int64),
     }
+    x = preprocess.to_model_input(faces.images[rows])
+    if device.type == "cuda":  # one pinned, asynchronous copy; the set then stays on the GPU
+        x = x.pin_memory()
     return Tensors(
-        x=preprocess.to_model_input(faces.images[rows]).to(device),
-        y={
-            head: torch.as_tensor(t, dtype=torch.long, device=device) for head, t in targets.items()
-        },
+        x=x.to(device, non_blocking=True),
+        y={head: torch.as_tensor(t, dtype=torch.long).to(device) for head, t in targets.items()},
     )
 
 
@@ -98,19 +128,23 @@ def fit(
     epochs: int,
     seed: int,
     on_epoch: OnEpoch | None = None,
+    precision: Precision = FP32,
 ) -> list[dict[str, float]]:
-    """Train for `epochs`, evaluating on `val` after each; on_epoch may raise to stop early."""
+    """Train for up to `epochs`, evaluating on `val` after each; on_epoch may stop it early."""
     optimizer = make_optimizer(params["optimizer"], model.parameters(), params["lr"])
+    scaler = precision.scaler(train.x.device)
     shuffle = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(epochs):
-        train_loss = train_epoch(model, optimizer, train, params["batch_size"], shuffle)
+        train_loss = train_epoch(
+            model, optimizer, train, params["batch_size"], shuffle, precision, scaler
+        )
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
-        metrics = {"train_loss": train_loss, **evaluate(model, val)}
+        metrics = {"train_loss": train_loss, **evaluate(model, val, precision)}
         history.append(metrics)
-        if on_epoch:
-            on_epoch(epoch, metrics)
+        if on_epoch and on_epoch(epoch, metrics):
+            break
     return history
 
 
@@ -120,32 +154,42 @@ def train_epoch(
     data: Tensors,
     batch_size: int,
     generator: torch.Generator,
+    precision: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One pass in shuffled mini-batches; returns the mean training loss."""
+    device = data.x.device
+    scaler = scaler or precision.scaler(device)
     model.train()
-    order = torch.randperm(len(data), generator=generator).to(data.x.device)
-    total = torch.zeros((), device=data.x.device)
+    order = torch.randperm(len(data), generator=generator).to(device)
+    total = torch.zeros((), device=device)
     for start in range(0, len(data), batch_size):
         rows = order[start : start + batch_size]
-        loss = multitask_loss(model(data.x[rows]), {h: y[rows] for h, y in data.y.items()})
+        with precision.autocast(device):
+            loss = multitask_loss(model(data.x[rows]), {h: y[rows] for h, y in data.y.items()})
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # a pass-through unless fp16
+        scaler.step(optimizer)
+        scaler.update()
         # Summed on the device: a .item() per batch would force a sync on GPUs.
-        total += loss.detach() * len(rows)
+        total += loss.detach().float() * len(rows)
     return total.item() / len(data)
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, precision: Precision = FP32
+) -> dict[str, torch.Tensor]:
+    """fp32 logits per head, computed in chunks so a large set fits in memory."""
     model.eval()
-    chunks = [model(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
-    return {head: torch.cat([c[head] for c in chunks]) for head in chunks[0]}
+    with precision.autocast(x.device):
+        chunks = [model(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+    return {head: torch.cat([c[head] for c in chunks]).float() for head in chunks[0]}
 
 
-def evaluate(model: nn.Module, data: Tensors) -> dict[str, float]:
+def evaluate(model: nn.Module, data: Tensors, precision: Precision = FP32) -> dict[str, float]:
     """Validation loss and accuracy of each head, plus their mean accuracy."""
-    logits = predict_logits(model, data.x)
+    logits = predict_logits(model, data.x, precision)
     metrics = {"val_loss": multitask_loss(logits, data.y).item()}
     for head in labels.HEADS:
         metrics[f"val_{head}_acc"] = (logits[head].argmax(1) == data.y[head]).float().mean().item()

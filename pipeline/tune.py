@@ -74,6 +74,7 @@ def make_objective(
     train_set: train.Tensors,
     val_set: train.Tensors,
     logger: tracking.TrialLogger,
+    precision: train.Precision = train.FP32,
 ) -> Callable[[optuna.Trial], float]:
     """Objective: suggest params, build, train; report every epoch and stop when pruned."""
     key = train.metric_key(settings.metric)
@@ -95,7 +96,9 @@ def make_objective(
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-            history = train.fit(net, params, train_set, val_set, settings.epochs, seed, on_epoch)
+            history = train.fit(
+                net, params, train_set, val_set, settings.epochs, seed, on_epoch, precision
+            )
         except optuna.TrialPruned:
             raise
         except Exception as e:
@@ -130,13 +133,21 @@ def run(settings: Settings) -> dict:
     attrs = study_attrs(settings, faces, split)
     study = open_study(settings, attrs)
     device = train.select_device()
-    log.info("device: %s; %d faces, split %s", device, len(faces), split.summary())
+    precision = train.select_precision(device)
+    log.info(
+        "device: %s (%s); %d faces, split %s", device, precision.name, len(faces), split.summary()
+    )
     train_set = train.to_tensors(faces, split.train, settings.age_edges, device)
     val_set = train.to_tensors(faces, split.val, settings.age_edges, device)
 
     client = tracking.client_for(settings.tracking_uri)
     experiment_id = tracking.ensure_experiment(client, settings.study, settings.artifact_root)
-    run_tags = {"device": str(device), "sampler": settings.sampler, "pruner": settings.pruner}
+    run_tags = {
+        "device": str(device),
+        "precision": precision.name,
+        "sampler": settings.sampler,
+        "pruner": settings.pruner,
+    }
     parent = tracking.start_parent(
         client, experiment_id, settings.study, {**run_tags, "data.fingerprint": faces.fingerprint}
     )
@@ -145,7 +156,7 @@ def run(settings: Settings) -> dict:
     status = "FAILED"
     try:
         study.optimize(
-            make_objective(settings, train_set, val_set, logger),
+            make_objective(settings, train_set, val_set, logger, precision),
             n_trials=settings.n_trials,
             timeout=settings.timeout,
             n_jobs=settings.n_jobs,

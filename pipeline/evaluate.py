@@ -1,0 +1,123 @@
+"""Test-split evaluation: per-head accuracy and macro-F1, confusion matrices, per-group table, model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, f1_score
+
+from pipeline import labels
+
+GROUPS = ("ethnicity", "gender", "age")
+
+
+def head_metrics(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """test_<head>_acc, test_<head>_f1 (macro) and test_mean_acc."""
+    metrics = {}
+    for head in labels.HEADS:
+        metrics[f"test_{head}_acc"] = float((pred[head] == truth[head]).mean())
+        metrics[f"test_{head}_f1"] = float(f1_score(truth[head], pred[head], average="macro"))
+    metrics["test_mean_acc"] = float(np.mean([metrics[f"test_{h}_acc"] for h in labels.HEADS]))
+    return metrics
+
+
+def confusions(
+    pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], names: dict[str, tuple[str, ...]]
+) -> dict[str, np.ndarray]:
+    return {
+        head: confusion_matrix(truth[head], pred[head], labels=range(len(names[head])))
+        for head in labels.HEADS
+    }
+
+
+def confusion_png(matrix: np.ndarray, names: tuple[str, ...], title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.1 * len(names) + 1.5))
+    ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(title)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def per_group(
+    pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], names: dict[str, tuple[str, ...]]
+) -> pd.DataFrame:
+    """Each head's accuracy within each ethnicity, gender and age-bracket group (a fairness view)."""
+    rows = []
+    for group in GROUPS:
+        for index, name in enumerate(names[group]):
+            mask = truth[group] == index
+            row = {"group": group, "value": name, "n": int(mask.sum())}
+            for head in labels.HEADS:
+                hits = pred[head][mask] == truth[head][mask]
+                row[f"{head}_acc"] = float(hits.mean()) if mask.any() else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def group_gaps(table: pd.DataFrame, group: str = "ethnicity") -> dict[str, float]:
+    """Best minus worst group accuracy of each head, within one grouping."""
+    sub = table[(table["group"] == group) & (table["n"] > 0)]
+    return {
+        f"{head}_acc": float(sub[f"{head}_acc"].max() - sub[f"{head}_acc"].min())
+        for head in labels.HEADS
+    }
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for row in table.itertuples(index=False):
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_card(info: dict, metrics: dict, table: pd.DataFrame) -> str:
+    """A short markdown card: data, split, params, metrics, per-group table, known limits."""
+    metric_lines = "\n".join(
+        f"| {h} | {metrics[f'test_{h}_acc']:.4f} | {metrics[f'test_{h}_f1']:.4f} |"
+        for h in labels.HEADS
+    )
+    params = "\n".join(f"- `{k}`: {v}" for k, v in info["params"].items())
+    return f"""# faceopt model card: {info["model_name"]}
+
+Multi-task classifier of 48x48 grayscale faces: age bracket ({", ".join(info["brackets"])}),
+ethnicity (White, Black, Asian, Indian, Other) and gender (male, female).
+
+## Data and split
+- Source: `{info["data"]}` (sha256 `{info["fingerprint"][:16]}…`), {info["n_faces"]} faces.
+- Split (seed {info["split"]["seed"]}, digest `{info["split"]["digest"]}`): train {info["split"]["train"]},
+  validation {info["split"]["val"]} (early stopping), test {info["split"]["test"]} (used once, here).
+- Tuned by study `{info["study"]}`, trial #{info["trial"]} (validation {info["metric"]} accuracy
+  {info["trial_value"]:.4f}); retrained {info["epochs"]} epochs, best epoch {info["best_epoch"]},
+  on {info["device"]} ({info["precision"]}).
+
+## Hyperparameters
+{params}
+
+## Test metrics
+| head | accuracy | macro-F1 |
+| --- | --- | --- |
+{metric_lines}
+
+## Accuracy by group (test split)
+{markdown_table(table)}
+
+## Known limits
+- UTKFace labels come from file names and are noisy (wrong ages and genders exist); about 680
+  photos are black-and-white. Ethnicity uses five coarse, self-reported-style categories and
+  "Other" is small and heterogeneous.
+- The data is imbalanced: most faces are 19-45 (always answering "19-45" scores about 57%), and
+  White faces are over 40% of the set; per-group accuracy above shows where it is weaker.
+- Inputs are aligned, cropped faces; photos of other framing need the same face crop first.
+- UTKFace is licensed for non-commercial research only.
+"""

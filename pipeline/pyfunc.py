@@ -1,0 +1,72 @@
+"""The logged model: an MLflow pyfunc that carries the network, its params, labels and preprocessing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema, TensorSpec
+
+from pipeline import labels, model, preprocess
+
+
+def metadata(params: dict, edges: tuple[int, ...]) -> dict:
+    """Everything serving needs to rebuild the network and reproduce preprocessing and labels."""
+    return {
+        "params": params,
+        "age_edges": list(edges),
+        "classes": {head: list(names) for head, names in labels.class_names(edges).items()},
+        "input": {
+            "size": preprocess.SIZE,
+            "mode": "L",
+            "mean": preprocess.MEAN,
+            "std": preprocess.STD,
+        },
+    }
+
+
+def signature(edges: tuple[int, ...]) -> ModelSignature:
+    size = preprocess.SIZE
+    outputs = [ColSpec("string", head) for head in labels.HEADS]
+    for head, names in labels.class_names(edges).items():
+        outputs += [ColSpec("double", f"{head}:{name}") for name in names]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size))]), outputs=Schema(outputs)
+    )
+
+
+class FaceModel(PythonModel):
+    """uint8 N x 48 x 48 faces -> per head the label and every class probability."""
+
+    def load_context(self, context) -> None:
+        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        classes = {head: len(names) for head, names in self.meta["classes"].items()}
+        self.net = model.build(self.meta["params"], classes)
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state)
+        self.net.eval()
+
+    @torch.inference_mode()
+    def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = preprocess.to_model_input(np.asarray(images, dtype=np.uint8))
+        logits = self.net(x)
+        return {head: torch.softmax(logits[head].float(), dim=1).numpy() for head in labels.HEADS}
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        images = np.asarray(model_input)
+        size = self.meta["input"]["size"]
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise ValueError(f"expected faces of shape (N, {size}, {size}), got {images.shape}")
+        probs = self.probabilities(images)
+        columns: dict[str, object] = {}
+        for head, names in self.meta["classes"].items():
+            columns[head] = [names[i] for i in probs[head].argmax(1)]
+        for head, names in self.meta["classes"].items():
+            for i, name in enumerate(names):
+                columns[f"{head}:{name}"] = probs[head][:, i].astype(float)
+        return pd.DataFrame(columns)

@@ -1,0 +1,311 @@
+"""Retrain the study's best configuration, evaluate it once on the test split, register it in MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from tqdm.auto import tqdm
+
+from pipeline import data, evaluate, labels, model, pyfunc, space, tracking, train
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+class TrainBestError(ValueError):
+    """The study cannot be retrained as asked (missing, empty, or other data)."""
+
+
+def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTrial, dict]:
+    """The study, its best trial and that trial's params rebuilt through space.suggest."""
+    try:
+        study = optuna.load_study(study_name=settings.study, storage=settings.storage)
+    except KeyError as e:
+        raise TrainBestError(
+            f"no study {settings.study!r} in {settings.storage}: run `make tune` first "
+            "(or pass STUDY=... and STORAGE=... of an existing study)"
+        ) from e
+    complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+    if not complete:
+        raise TrainBestError(
+            f"study {settings.study!r} has no completed trial yet ({len(study.trials)} trials, "
+            "all pruned, failed or running): run `make tune` until one completes"
+        )
+    best = study.best_trial
+    params = space.suggest(optuna.trial.FixedTrial(best.params), study.user_attrs["space"])
+    return study, best, params
+
+
+def study_split(settings: Settings, attrs: dict) -> tuple[data.FaceSet, data.Split]:
+    """The same data and split the study selected on, checked by fingerprint and digest."""
+    faces = data.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
+    if faces.fingerprint != attrs["data_fingerprint"]:
+        raise TrainBestError(
+            f"{settings.data} is not the data study {settings.study!r} was tuned on "
+            f"(sha256 {faces.fingerprint[:16]}…, study has {attrs['data_fingerprint'][:16]}…); "
+            "pass the same DATA"
+        )
+    split = data.split(
+        faces,
+        tuple(attrs["age_edges"]),
+        attrs["split_seed"],
+        attrs["test_fraction"],
+        attrs["val_fraction"],
+    )
+    if split.digest() != attrs["split_digest"]:
+        raise TrainBestError(f"the split differs from study {settings.study!r}'s; same SEED needed")
+    return faces, split
+
+
+def fit_best(
+    params: dict,
+    sets: dict[str, train.Tensors],
+    settings: Settings,
+    metric: str,
+    classes: dict[str, int],
+    precision: train.Precision,
+) -> tuple[torch.nn.Module, list[dict], int]:
+    """Train up to train_epochs with early stopping on validation; returns the best epoch's weights."""
+    train.seed_everything(settings.seed)
+    net = model.build(params, classes).to(sets["train"].x.device)
+    key = train.metric_key(metric)
+    best = {"value": -1.0, "epoch": -1, "state": None}
+    bar = tqdm(total=settings.train_epochs, desc="train-best", unit="epoch")
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        mlflow.log_metrics(metrics, step=epoch)
+        bar.update()
+        bar.set_postfix(
+            {key: f"{metrics[key]:.4f}", "best": f"{max(best['value'], metrics[key]):.4f}"}
+        )
+        if metrics[key] > best["value"]:
+            best.update(value=metrics[key], epoch=epoch, state=copy.deepcopy(net.state_dict()))
+        return epoch - best["epoch"] >= settings.patience
+
+    try:
+        history = train.fit(
+            net,
+            params,
+            sets["train"],
+            sets["val"],
+            settings.train_epochs,
+            settings.seed,
+            on_epoch,
+            precision,
+        )
+    finally:
+        bar.close()
+    net.load_state_dict(best["state"])
+    return net, history, best["epoch"]
+
+
+def test_predictions(net, test: train.Tensors, precision) -> tuple[dict, dict]:
+    logits = train.predict_logits(net, test.x, precision)
+    pred = {head: logits[head].argmax(1).cpu().numpy() for head in labels.HEADS}
+    truth = {head: y.cpu().numpy() for head, y in test.y.items()}
+    return pred, truth
+
+
+def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: dict) -> dict:
+    """Metrics, confusion matrices, per-group table and model card on the active run."""
+    names = labels.class_names(edges)
+    metrics = evaluate.head_metrics(pred, truth)
+    table = evaluate.per_group(pred, truth, names)
+    gaps = evaluate.group_gaps(table)
+    mlflow.log_metrics(metrics | {f"ethnicity_gap_{k}": v for k, v in gaps.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for head, matrix in evaluate.confusions(pred, truth, names).items():
+            evaluate.confusion_png(
+                matrix, names[head], f"{head} (test)", out / f"confusion_{head}.png"
+            )
+        table.to_csv(out / "per_group.csv", index=False)
+        (out / "per_group.md").write_text(evaluate.markdown_table(table) + "\n")
+        (out / "model_card.md").write_text(evaluate.model_card(card_info, metrics, table))
+        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+    return metrics
+
+
+def log_and_register(
+    net, params: dict, edges, name: str
+) -> mlflow.entities.model_registry.ModelVersion:
+    """Log the pyfunc (weights, params, labels, preprocessing) and register a new version."""
+    import pipeline
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The signature is given explicitly, so MLflow's hint about type-hinted predict() is noise.
+        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+        weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "meta.json"
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
+        meta.write_text(json.dumps(pyfunc.metadata(params, edges), indent=2))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            # Models from code: the class is loaded from source, not unpickled.
+            python_model=str(Path(pyfunc.__file__).with_name("pyfunc_entry.py")),
+            artifacts={"weights": str(weights), "meta": str(meta)},
+            code_paths=[str(Path(pipeline.__file__).parent)],
+            signature=pyfunc.signature(edges),
+            input_example=np.full((1, 48, 48), 128, dtype=np.uint8),
+            pip_requirements=[
+                f"torch>={torch.__version__.split('+')[0]}",
+                "numpy",
+                "pandas",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
+    return mlflow.register_model(info.model_uri, name)
+
+
+def move_alias(
+    client: MlflowClient, name: str, version: str, key: str, value: float, promote: bool
+) -> str:
+    """champion when at least as good as the current one (or forced), else challenger."""
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    best = float(current.tags.get(key, "-inf")) if current else float("-inf")
+    alias = CHAMPION if promote or current is None or value >= best else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    if alias == CHALLENGER:
+        log.warning(
+            "version %s: %s %.4f < champion v%s's %.4f; set alias 'challenger' "
+            "(use --promote to force)",
+            version,
+            key,
+            value,
+            current.version,
+            best,
+        )
+    return alias
+
+
+def lineage_tags(study: optuna.Study, best: optuna.trial.FrozenTrial, client: MlflowClient) -> dict:
+    """Tags and a note that lead from the training run back to the trial and study runs."""
+    trial_run = best.user_attrs.get(tracking.RUN_ID_ATTR, "")
+    parent = ""
+    if trial_run:
+        with contextlib.suppress(MlflowException):  # trial run deleted: no link, no failure
+            parent = client.get_run(trial_run).data.tags.get("mlflow.parentRunId", "")
+    note = (
+        f"Retrained from trial #{best.number} of study `{study.study_name}` "
+        f"(trial run `{trial_run}`, study run `{parent}`)."
+    )
+    return {
+        "optuna.study": study.study_name,
+        "optuna.best_trial": str(best.number),
+        "faceopt.best_trial_run_id": trial_run,
+        "faceopt.study_parent_run_id": parent,
+        "mlflow.note.content": note,
+    }
+
+
+def run(settings: Settings, promote: bool = False) -> dict:
+    """Retrain, evaluate, register; returns what happened (version, alias, metrics)."""
+    study, best, params = load_best(settings)
+    attrs = study.user_attrs
+    edges, metric = tuple(attrs["age_edges"]), attrs["metric"]
+    faces, split = study_split(settings, attrs)
+    device = train.select_device()
+    precision = train.select_precision(device)
+    log.info(
+        "train-best on %s (%s): study %s, trial #%d (val %.4f)",
+        device,
+        precision.name,
+        study.study_name,
+        best.number,
+        best.value,
+    )
+    sets = {
+        part: train.to_tensors(faces, getattr(split, part), edges, device)
+        for part in ("train", "val", "test")
+    }
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = MlflowClient(settings.tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, study.study_name, settings.artifact_root)
+    started = time.time()
+    run_name = f"train-best-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=lineage_tags(study, best, client)
+    ) as active:
+        mlflow.log_params(
+            params
+            | {
+                "seed": settings.seed,
+                "train_epochs": settings.train_epochs,
+                "patience": settings.patience,
+            }
+        )
+        mlflow.set_tags(
+            {
+                "device": str(device),
+                "precision": precision.name,
+                "data.fingerprint": faces.fingerprint,
+                "split.digest": split.digest(),
+            }
+        )
+        net, history, best_epoch = fit_best(
+            params, sets, settings, metric, labels.num_classes(edges), precision
+        )
+        pred, truth = test_predictions(net, sets["test"], precision)
+        card = {
+            "model_name": settings.model_name,
+            "brackets": labels.bracket_names(edges),
+            "data": settings.data,
+            "fingerprint": faces.fingerprint,
+            "n_faces": len(faces),
+            "split": split.summary(),
+            "study": study.study_name,
+            "trial": best.number,
+            "metric": metric,
+            "trial_value": best.value,
+            "epochs": len(history),
+            "best_epoch": best_epoch,
+            "device": device,
+            "precision": precision.name,
+            "params": params,
+        }
+        metrics = log_evaluation(pred, truth, edges, card)
+        mlflow.log_metrics({"best_epoch": best_epoch, "wall_s": time.time() - started})
+        version = log_and_register(net, params, edges, settings.model_name)
+        key = f"test_{metric}_acc"
+        for tag, value in {
+            **metrics,
+            "optuna.study": study.study_name,
+            "optuna.best_trial": best.number,
+            "faceopt.best_trial_run_id": best.user_attrs.get(tracking.RUN_ID_ATTR, ""),
+            "data.fingerprint": faces.fingerprint,
+        }.items():
+            client.set_model_version_tag(settings.model_name, version.version, tag, str(value))
+        alias = move_alias(client, settings.model_name, version.version, key, metrics[key], promote)
+        run_id = active.info.run_id
+    return {
+        "model": settings.model_name,
+        "version": str(version.version),
+        "alias": alias,
+        "run_id": run_id,
+        "trial": best.number,
+        "trial_value": best.value,
+        "best_epoch": best_epoch,
+        "epochs": len(history),
+        "device": str(device),
+        "precision": precision.name,
+        "wall_s": time.time() - started,
+        **metrics,
+    }

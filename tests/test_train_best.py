@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import cli, train, train_best, tune
+from pipeline.config import Settings
+
+
+@pytest.fixture
+def tuned(settings: Settings) -> Settings:
+    """A 3-trial study on synthetic faces; train-best settings kept short."""
+    tune.run(settings)
+    return settings.model_copy(update={"train_epochs": 6, "patience": 3, "model_name": "faces"})
+
+
+def test_champion_then_challenger_then_fresh_process_predicts(
+    tuned: Settings, monkeypatch, tmp_path: Path
+) -> None:
+    first = train_best.run(tuned)
+    assert (first["version"], first["alias"]) == ("1", "champion")
+    client = MlflowClient(tuned.tracking_uri)
+    v1 = client.get_model_version_by_alias("faces", "champion")
+    assert str(v1.version) == "1" and v1.tags["optuna.study"] == tuned.study
+    assert float(v1.tags["test_age_acc"]) == pytest.approx(first["test_age_acc"])
+
+    # Deliberately worse: the same recipe with every optimisation step skipped (untrained net).
+    monkeypatch.setattr(train, "train_epoch", lambda *args, **kwargs: 1.0)
+    second = train_best.run(tuned)
+    assert second["test_age_acc"] < first["test_age_acc"]
+    assert (second["version"], second["alias"]) == ("2", "challenger")
+    assert str(client.get_model_version_by_alias("faces", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("faces", "challenger").version) == "2"
+
+    # Lineage: the training run leads back to the trial and the study's parent run.
+    run = client.get_run(first["run_id"])
+    trial_run = client.get_run(run.data.tags["faceopt.best_trial_run_id"])
+    assert trial_run.data.tags["optuna.trial_number"] == run.data.tags["optuna.best_trial"]
+    assert run.data.tags["faceopt.study_parent_run_id"] == trial_run.data.tags["mlflow.parentRunId"]
+    evaluation = {Path(a.path).name for a in client.list_artifacts(first["run_id"], "evaluation")}
+    assert {
+        "confusion_age.png",
+        "confusion_ethnicity.png",
+        "confusion_gender.png",
+        "per_group.csv",
+        "model_card.md",
+    } <= evaluation
+
+    script = (
+        "import json, sys, mlflow, numpy as np\n"
+        f"mlflow.set_tracking_uri({tuned.tracking_uri!r})\n"
+        "m = mlflow.pyfunc.load_model('models:/faces@champion')\n"
+        "out = m.predict(np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8))\n"
+        "print(json.dumps({'rows': len(out), 'cols': list(out.columns),"
+        " 'sum': float(out[[c for c in out.columns if c.startswith('age:')]].sum(axis=1).mean())}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 5 and result["sum"] == pytest.approx(1.0, abs=1e-5)
+    assert result["cols"][:3] == ["age", "ethnicity", "gender"]
+    assert "age:0-3" in result["cols"] and "gender:female" in result["cols"]
+
+
+def test_same_seed_gives_identical_test_metrics(tuned: Settings) -> None:
+    a = train_best.run(tuned)
+    b = train_best.run(tuned)
+    keys = [k for k in a if k.startswith("test_")]
+    assert keys and {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert a["best_epoch"] == b["best_epoch"]
+
+
+def test_study_without_completed_trial_is_a_clear_error(settings: Settings, capsys) -> None:
+    with pytest.raises(train_best.TrainBestError, match="no study 'test-study'"):
+        train_best.run(settings)
+    code = cli.main(["train-best", "--study", "nothing", "--storage", settings.storage])
+    assert code == 2 and "run `make tune` first" in capsys.readouterr().err
+
+
+def test_other_data_than_the_study_is_refused(tuned: Settings, tmp_path: Path) -> None:
+    from tests.conftest import synthetic_faces, write_csv
+
+    other = write_csv(synthetic_faces(240, seed=5), tmp_path / "other.csv")
+    with pytest.raises(train_best.TrainBestError, match="not the data study"):
+        train_best.run(tuned.model_copy(update={"data": other}))
