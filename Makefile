@@ -18,7 +18,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune train-best ui test lint bench
+.PHONY: help setup data tune train-best serve ui test lint bench
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ tune: setup ## run or resume the Optuna study (DATA=path/to/age_gender.csv N_TRI
 train-best: setup ## retrain the best trial, evaluate on the test split, register (STUDY EPOCHS PROMOTE=1)
 	$(FACEOPT) train-best $(STUDY_FLAGS) $(call flag,EPOCHS,epochs) $(call flag,PATIENCE,patience) \
 		$(call flag,MODEL_NAME,model-name) $(if $(PROMOTE),--promote)
+
+serve: setup ## start the prediction service on the champion (HOST, PORT; POST /predict, page at /)
+	$(FACEOPT) serve $(call flag,HOST,host) $(call flag,PORT,port) $(call flag,MODEL_NAME,model-name)
 
 ui: setup ## open the MLflow UI on the tracking store (HOST, PORT)
 	$(FACEOPT) ui --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)

@@ -93,6 +93,16 @@ def cmd_train_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.app import create_app
+
+    settings = _settings(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Download the Kaggle CSV with the official client, or say exactly how to provide it."""
     target = Path(args.dir)
@@ -175,6 +185,13 @@ def parser() -> argparse.ArgumentParser:
     _add(best, TRAIN_BEST)
     best.add_argument("--promote", action="store_true", help="make it champion even if worse")
     best.set_defaults(func=cmd_train_best)
+
+    serve = sub.add_parser("serve", help="start the FastAPI service on the registered champion")
+    serve.add_argument("--tracking-uri", dest="tracking_uri")
+    serve.add_argument("--model-name", dest="model_name")
+    serve.add_argument("--host", dest="host")
+    serve.add_argument("--port", dest="port", type=int)
+    serve.set_defaults(func=cmd_serve)
 
     dl = sub.add_parser("data", help="download age_gender.csv from Kaggle")
     dl.add_argument("--dir", default="data", help="where to put it (default: data/)")

@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     patience: int = Field(5, ge=1)  # train-best: epochs without a better validation metric
     model_name: str = "faceopt"  # the registered model
 
+    # serving
+    host: str = "127.0.0.1"
+    port: int = 8000
+    alias: str = "champion"  # the registry alias the service loads
+    max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)
+    max_files: int = Field(16, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard, checked before decoding
+    reload_token: str | None = None  # when set, POST /reload needs "Authorization: Bearer <token>"
+    torch_threads: int | None = None  # serving threads for torch; default: min(4, cores)
+
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # of what is left after the test split
     age_edges: tuple[int, ...] = (0, 3, 18, 45, 64, 116)

@@ -59,15 +59,14 @@ def utk_folder(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-def settings(tmp_path: Path, faces_csv: Path) -> Settings:
-    """Settings for a fast study: tiny data, 2 epochs, stores under tmp_path."""
+def make_settings(tmp: Path, data: Path) -> Settings:
+    """Settings for a fast study: tiny data, 2 epochs, stores under tmp."""
     return Settings(
-        data=faces_csv,
-        cache_dir=tmp_path / "cache",
-        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        artifact_root=tmp_path / "mlruns",
+        data=data,
+        cache_dir=tmp / "cache",
+        storage=f"sqlite:///{tmp / 'optuna.db'}",
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        artifact_root=tmp / "mlruns",
         study="test-study",
         n_trials=3,
         epochs=2,
@@ -77,7 +76,25 @@ def settings(tmp_path: Path, faces_csv: Path) -> Settings:
 
 
 @pytest.fixture
+def settings(tmp_path: Path, faces_csv: Path) -> Settings:
+    return make_settings(tmp_path, faces_csv)
+
+
+@pytest.fixture
 def real_csv() -> Path:
     if not REAL_CSV.exists():
         pytest.skip(f"real dataset not found at {REAL_CSV}")
     return REAL_CSV
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory) -> Settings:
+    """A tmp MLflow store with one champion (version 1) trained on synthetic faces."""
+    from pipeline import train_best, tune
+
+    tmp = tmp_path_factory.mktemp("registry")
+    base = make_settings(tmp, write_csv(synthetic_faces(240), tmp / "faces.csv"))
+    settings = base.model_copy(update={"n_trials": 2, "train_epochs": 3, "model_name": "faces"})
+    tune.run(settings)
+    train_best.run(settings)
+    return settings

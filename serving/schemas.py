@@ -1,0 +1,56 @@
+"""Response models of the API (they are also its /docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class HeadPrediction(BaseModel):
+    label: str = Field(description="the most probable class")
+    probabilities: dict[str, float] = Field(description="every class and its probability")
+
+
+class FaceBox(BaseModel):
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class ImagePrediction(BaseModel):
+    filename: str
+    face_detected: bool = Field(description="false: no face found, the centre square was used")
+    face_box: FaceBox | None = Field(
+        description="the detected face, in the uploaded image's pixels"
+    )
+    crop: FaceBox = Field(description="the region resized to 48x48 for the network")
+    age: HeadPrediction
+    ethnicity: HeadPrediction
+    gender: HeadPrediction
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    alias: str
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[ImagePrediction]
+
+
+class ModelInfo(ModelRef):
+    run_id: str
+    test_metrics: dict[str, float]
+    labels: dict[str, list[str]]
+    age_edges: list[int]
+
+
+class Status(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    detail: str

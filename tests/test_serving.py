@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline import train_best
+from pipeline.config import Settings
+from serving.app import create_app
+
+
+def image_bytes(fmt: str = "JPEG", size=(200, 200), frames: int = 1) -> bytes:
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        for _ in range(frames)
+    ]
+    buf = io.BytesIO()
+    if frames > 1:
+        images[0].save(buf, format=fmt, save_all=True, append_images=images[1:])
+    else:
+        images[0].save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def upload(name: str, raw: bytes, field: str = "files", mime: str = "image/jpeg"):
+    return (field, (name, raw, mime))
+
+
+@pytest.fixture
+def client(registered: Settings):
+    with TestClient(create_app(registered)) as c:
+        yield c
+
+
+def test_single_and_multi_file_predictions(client: TestClient) -> None:
+    one = client.post("/predict", files=[upload("a.jpg", image_bytes())])
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert body["model"] == {"name": "faces", "version": "1", "alias": "champion"}
+    (p,) = body["predictions"]
+    assert p["filename"] == "a.jpg" and set(p) >= {"face_detected", "face_box", "crop"}
+    assert set(p["age"]["probabilities"]) == {"0-3", "4-18", "19-45", "46-64", "65+"}
+    assert set(p["ethnicity"]["probabilities"]) == {"White", "Black", "Asian", "Indian", "Other"}
+    assert set(p["gender"]["probabilities"]) == {"male", "female"}
+    for head in ("age", "ethnicity", "gender"):
+        probs = p[head]["probabilities"]
+        assert sum(probs.values()) == pytest.approx(1, abs=1e-4)
+        assert p[head]["label"] == max(probs, key=probs.get)
+
+    many = client.post(
+        "/predict", files=[upload(f"{i}.jpg", image_bytes(size=(200 + i, 200))) for i in range(5)]
+    )
+    assert many.status_code == 200
+    assert [q["filename"] for q in many.json()["predictions"]] == [f"{i}.jpg" for i in range(5)]
+    single_field = client.post("/predict", files=[upload("b.jpg", image_bytes(), field="file")])
+    assert single_field.status_code == 200 and len(single_field.json()["predictions"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "frames"),
+    [
+        ("PNG", "image/png", 1),
+        ("WEBP", "image/webp", 1),
+        ("BMP", "image/bmp", 1),
+        ("GIF", "image/gif", 3),
+    ],
+)
+def test_image_formats(client: TestClient, fmt: str, mime: str, frames: int) -> None:
+    r = client.post(
+        "/predict", files=[upload(f"x.{fmt.lower()}", image_bytes(fmt, frames=frames), mime=mime)]
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_no_face_uses_the_centre_square(client: TestClient) -> None:
+    flat = io.BytesIO()
+    Image.new("RGB", (300, 200), (128, 128, 128)).save(flat, format="PNG")
+    p = client.post("/predict", files=[upload("wide.png", flat.getvalue())]).json()["predictions"][
+        0
+    ]
+    assert p["face_detected"] is False and p["face_box"] is None
+    assert p["crop"] == {"x": 50, "y": 0, "width": 200, "height": 200}
+
+
+def test_bad_uploads_get_4xx_json_and_the_service_stays_up(registered: Settings) -> None:
+    limits = registered.model_copy(
+        update={"max_file_bytes": 60_000, "max_files": 2, "max_pixels": 300 * 300}
+    )
+    jpeg = image_bytes()
+    cases = [
+        ([upload("notes.txt", b"hello, not an image", mime="text/plain")], 415, "notes.txt"),
+        ([upload("broken.jpg", jpeg[: len(jpeg) // 3])], 415, "broken.jpg"),
+        (
+            [
+                upload(
+                    "huge.png",
+                    image_bytes("PNG", size=(200, 120)) + b"\0" * 60_000,
+                    mime="image/png",
+                )
+            ],
+            413,
+            "huge.png",
+        ),
+        ([upload(f"{i}.jpg", jpeg) for i in range(3)], 413, "limit is 2"),
+        (
+            [upload("bomb.png", image_bytes("PNG", size=(400, 300)), mime="image/png")],
+            413,
+            "bomb.png",
+        ),
+        ([upload("empty.jpg", b"")], 422, "empty.jpg"),
+        ([], 422, "no image"),
+    ]
+    with TestClient(create_app(limits)) as c:
+        for files, status, text in cases:
+            r = c.post("/predict", files=files) if files else c.post("/predict")
+            assert r.status_code == status, (text, r.text)
+            assert text in r.json()["detail"]
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.post("/predict", files=[upload("ok.jpg", jpeg)]).status_code == 200
+        metrics = c.get("/metrics").text
+    assert 'faceopt_requests_total{route="/predict",status="415"} 2.0' in metrics
+    assert 'faceopt_requests_total{route="/predict",status="413"} 3.0' in metrics
+    assert "faceopt_request_seconds_bucket" in metrics
+    assert "faceopt_images_per_request_count 1.0" in metrics
+
+
+def test_model_info(client: TestClient, registered: Settings) -> None:
+    info = client.get("/model").json()
+    assert info["version"] == "1" and info["age_edges"] == list(registered.age_edges)
+    assert set(info["test_metrics"]) >= {"test_age_acc", "test_gender_f1"}
+    assert info["labels"]["gender"] == ["male", "female"]
+    assert client.get("/").status_code == 200 and "faceopt" in client.get("/").text
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_no_champion_then_reload(registered: Settings, tmp_path: Path) -> None:
+    """Start on an empty store: 503s that say what to do; after registering, /reload serves it."""
+    empty = registered.model_copy(
+        update={
+            "tracking_uri": f"sqlite:///{tmp_path / 'empty.db'}",
+            "artifact_root": tmp_path / "m",
+        }
+    )
+    with TestClient(create_app(empty)) as c:
+        for r in (c.get("/ready"), c.post("/predict", files=[upload("a.jpg", image_bytes())])):
+            assert r.status_code == 503
+            assert (
+                "no champion registered" in r.json()["detail"]
+                and "make train-best" in r.json()["detail"]
+            )
+        assert c.get("/health").status_code == 200
+        assert c.post("/reload").status_code == 503
+        shutil.copy(Path(registered.storage.removeprefix("sqlite:///")), tmp_path / "optuna.db")
+        train_best.run(empty.model_copy(update={"storage": f"sqlite:///{tmp_path / 'optuna.db'}"}))
+        assert c.post("/reload").json()["version"] == "1"
+        assert c.get("/ready").status_code == 200
+        assert c.post("/predict", files=[upload("a.jpg", image_bytes())]).status_code == 200
+
+
+def test_reload_swaps_versions_and_a_failed_reload_keeps_the_old(registered: Settings) -> None:
+    guarded = registered.model_copy(update={"reload_token": "s3cret"})
+    client = MlflowClient(registered.tracking_uri)
+    with TestClient(create_app(guarded)) as c:
+        before = c.get("/model").json()["version"]
+        new = train_best.run(registered, promote=True)
+        assert c.post("/reload").status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.post("/reload", headers=auth).json()["version"] == new["version"] != before
+        assert c.get("/model").json()["version"] == new["version"]
+
+        # A champion whose files are gone: the reload fails, says why, and the old one serves on.
+        broken = train_best.run(registered, promote=True)
+        source = client.get_model_version("faces", broken["version"]).source
+        model_id = source.removeprefix("models:/")
+        logged = client.get_logged_model(model_id).artifact_location.removeprefix("file://")
+        shutil.rmtree(logged)
+        r = c.post("/reload", headers=auth)
+        assert (
+            r.status_code == 503 and f"still serving version {new['version']}" in r.json()["detail"]
+        )
+        assert c.get("/model").json()["version"] == new["version"]
+        assert (
+            c.post("/predict", files=[upload("a.jpg", image_bytes())]).json()["model"]["version"]
+            == new["version"]
+        )
+    client.set_registered_model_alias("faces", "champion", "1")  # leave the module's store as found

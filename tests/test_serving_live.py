@@ -1,0 +1,122 @@
+"""The service as users run it: a real uvicorn process, real HTTP, a real browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.config import Settings
+from tests.conftest import REAL_DATA
+
+SAMPLES = REAL_DATA / "utkface_sample"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(registered: Settings, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "uvicorn.log"
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": registered.tracking_uri,
+        "FACEOPT_MODEL_NAME": "faces",
+    }
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"server not ready in 60 s: {log.read_text()[-3000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_real_server_answers_the_utkface_sample(server: str) -> None:
+    if not SAMPLES.is_dir():
+        pytest.skip(f"no UTKFace sample at {SAMPLES} (it comes with ../shared/data)")
+    files = sorted(SAMPLES.glob("*.jpg"))
+    assert files
+    answered = 0
+    with httpx.Client(base_url=server, timeout=60) as http:
+        for start in range(0, len(files), 16):
+            batch = files[start : start + 16]
+            r = http.post(
+                "/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in batch]
+            )
+            assert r.status_code == 200, r.text
+            predictions = r.json()["predictions"]
+            assert [p["filename"] for p in predictions] == [f.name for f in batch]
+            answered += len(predictions)
+        assert http.get("/health").json()["status"] == "ok"
+        assert "faceopt_images_per_request_count" in http.get("/metrics").text
+    assert answered == len(files)
+
+
+@pytest.mark.slow
+def test_browser_uploads_and_sees_predictions(server: str, tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_serving import image_bytes
+
+    photo = tmp_path / "face.jpg"
+    photo.write_bytes(image_bytes())
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server)
+            page.wait_for_function(
+                "document.getElementById('model').textContent.includes('version')"
+            )
+            page.set_input_files("#files", str(photo))
+            page.wait_for_selector(".prediction", timeout=30_000)
+            card = page.locator(".prediction").first
+            assert "face.jpg" in card.inner_text()
+            for head in ("age", "ethnicity", "gender"):
+                label = card.locator(f"[data-head={head}] .label").inner_text()
+                assert label, head
+            assert card.locator(".bar").count() == 5 + 5 + 2
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
