@@ -18,7 +18,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune train-best serve ui test lint bench
+.PHONY: help setup data tune train-best serve ui test lint bench bench-serve
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,3 +59,6 @@ lint: setup ## ruff check and format check
 
 bench: setup ## benchmarks on the real data (DATA=...), table printed and saved under bench/results/
 	$(BIN)/python -m bench.run $(call flag,DATA,data)
+
+bench-serve: setup ## our service vs `mlflow models serve` of the champion: requests/s, p50/p99, accuracy
+	$(BIN)/python -m bench.serve

@@ -45,7 +45,10 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 # its height gives back the framing the network was trained on.
 CROP_GROWTH = 1.25
 CROP_SHIFT = 0.07
-DETECT_SIDE = 640  # detect on a downscaled copy: same boxes, a fraction of the time
+# Detection runs on a copy whose shorter side is at most this: the cascade's 24-pixel window then
+# finds faces down to 15% of the photo's shorter side (we keep the largest face), at a fraction of
+# the cost (10 ms -> 5 ms on a 200x200 photo, 2 cores; seconds -> ms on a phone photo).
+DETECT_SIDE = 160
 _local = threading.local()
 
 
@@ -99,7 +102,7 @@ def _cascade() -> cv2.CascadeClassifier:
 
 def detect_face(gray: np.ndarray) -> tuple[int, int, int, int] | None:
     """The largest frontal face as (x, y, w, h) in `gray`'s pixels, or None."""
-    scale = min(1.0, DETECT_SIDE / max(gray.shape))
+    scale = min(1.0, DETECT_SIDE / min(gray.shape))
     small = (
         cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         if scale < 1

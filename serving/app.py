@@ -53,15 +53,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def get_store(request: Request) -> ModelStore:
+# Dependencies and light routes are `async def`: FastAPI runs a plain `def` in the thread pool,
+# and those hops (a dozen per request) cost more than the network's forward pass.
+async def get_store(request: Request) -> ModelStore:
     return request.app.state.store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def current_model(store: Annotated[ModelStore, Depends(get_store)]) -> Loaded:
+async def current_model(store: Annotated[ModelStore, Depends(get_store)]) -> Loaded:
     try:
         return store.current
     except NoModel as e:
@@ -75,22 +77,22 @@ ModelDep = Annotated[Loaded, Depends(current_model)]
 
 def _routes(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
+    async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     @app.get("/health", response_model=schemas.Status)
-    def health() -> schemas.Status:
+    async def health() -> schemas.Status:
         return schemas.Status(status="ok")
 
     @app.get("/ready", response_model=schemas.Status, responses=ERRORS)
-    def ready(store: StoreDep):
+    async def ready(store: StoreDep):
         if store.ready:
             return schemas.Status(status="ready")
         detail = store.last_error or "no champion registered: run make train-best"
         return JSONResponse({"status": "not ready", "detail": detail}, status_code=503)
 
     @app.get("/model", response_model=schemas.ModelInfo, responses=ERRORS)
-    def model_info(model: ModelDep) -> schemas.ModelInfo:
+    async def model_info(model: ModelDep) -> schemas.ModelInfo:
         metrics = {k: float(v) for k, v in model.tags.items() if k.startswith("test_")}
         return schemas.ModelInfo(
             name=model.name,
@@ -103,7 +105,7 @@ def _routes(app: FastAPI) -> None:
         )
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics(request: Request) -> Response:
+    async def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/reload", response_model=schemas.ModelRef, responses=ERRORS)
@@ -144,9 +146,7 @@ def _routes(app: FastAPI) -> None:
             raise HTTPException(413, f"{len(uploads)} files, the limit is {settings.max_files}")
         raws = [await _read_limited(u, settings.max_file_bytes) for u in uploads]
         names = [u.filename or f"file{i}" for i, u in enumerate(uploads)]
-        faces = await run_in_threadpool(_faces, raws, names, settings.max_pixels)
-        # Every image of the request through the network as one batch.
-        probs = await run_in_threadpool(model.probabilities, np.stack([f.pixels for f in faces]))
+        faces, probs = await run_in_threadpool(_infer, model, raws, names, settings.max_pixels)
         request.app.state.metrics.images.observe(len(faces))
         return schemas.PredictResponse(
             model=schemas.ModelRef(name=model.name, version=model.version, alias=model.alias),
@@ -180,6 +180,12 @@ def _faces(raws: list[bytes], names: list[str], max_pixels: int) -> list[preproc
             ) from e
         faces.append(preprocess.face_from_image(image))
     return faces
+
+
+def _infer(model: Loaded, raws: list[bytes], names: list[str], max_pixels: int):
+    """Preprocess every image, then all of them through the network as one batch (one thread hop)."""
+    faces = _faces(raws, names, max_pixels)
+    return faces, model.probabilities(np.stack([f.pixels for f in faces]))
 
 
 def _box(values: tuple[int, int, int, int]) -> schemas.FaceBox:
