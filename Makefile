@@ -14,15 +14,15 @@ STUDY_FLAGS = $(call flag,DATA,data) $(call flag,STUDY,study) $(call flag,STORAG
 TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,timeout) \
 	$(call flag,EPOCHS,epochs) $(call flag,SPACE,space) $(call flag,METRIC,metric) \
 	$(call flag,SAMPLER,sampler) $(call flag,SAMPLER_ARGS,sampler-args) \
-	$(call flag,PRUNER,pruner) $(call flag,N_JOBS,n-jobs) \
+	$(call flag,PRUNER,pruner) $(call flag,N_JOBS,n-jobs) $(call flag,WORKERS,workers) \
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune train-best serve ui test lint bench bench-serve
+.PHONY: help setup data tune tune-worker report mlflow-server train-best serve ui test lint bench bench-serve
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: DATA STUDY N_TRIALS TIMEOUT EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS SEED STORAGE"
+	@echo "  variables: DATA STUDY N_TRIALS TIMEOUT EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE"
 
 setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
 
@@ -39,6 +39,15 @@ data: setup ## download age_gender.csv into data/ with the Kaggle client (needs 
 
 tune: setup ## run or resume the Optuna study (DATA=path/to/age_gender.csv N_TRIALS=30)
 	$(FACEOPT) tune $(TUNE_FLAGS)
+
+tune-worker: setup ## join a study from any host until it has N_TRIALS finished trials (same settings)
+	$(FACEOPT) tune-worker $(TUNE_FLAGS)
+
+report: setup ## log the study's plots and summary to MLflow (after workers on several hosts)
+	$(FACEOPT) report $(STUDY_FLAGS)
+
+mlflow-server: setup ## MLflow tracking server: PostgreSQL backend store, served artifacts (HOST PORT)
+	$(FACEOPT) mlflow-server $(call flag,HOST,host) $(call flag,PORT,port)
 
 train-best: setup ## retrain the best trial, evaluate on the test split, register (STUDY EPOCHS PROMOTE=1)
 	$(FACEOPT) train-best $(STUDY_FLAGS) $(call flag,EPOCHS,epochs) $(call flag,PATIENCE,patience) \

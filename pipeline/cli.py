@@ -43,6 +43,7 @@ TUNE = {
     ),
     "--pruner": ("pruner", str, "median, hyperband, successive-halving, percentile or none"),
     "--n-jobs": ("n_jobs", int, "trials in parallel threads within this process"),
+    "--workers": ("workers", str, "worker processes on the study (auto: one per GPU)"),
 }
 
 TRAIN_BEST = {
@@ -75,6 +76,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune_worker(args: argparse.Namespace) -> int:
+    """One worker on a shared study, until it has `until` finished trials (default N_TRIALS)."""
+    from pipeline import report, tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    extra = {k: getattr(args, k) for k in ("parent_run_id", "until", "quiet")}
+    for k in extra:
+        delattr(args, k)
+    settings = _settings(args)
+    summary = tune.run_worker(
+        settings, extra["parent_run_id"], extra["until"] or settings.n_trials, not extra["quiet"]
+    )
+    if not extra["quiet"]:
+        print(report.format_summary(summary))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline import tune
+
+    run_id = args.run_id
+    del args.run_id
+    settings = _settings(args)
+    run_id = tune.report_run(settings, run_id)
+    print(f"plots and summary of study {settings.study!r} logged to run {run_id}")
+    return 0
+
+
 def cmd_train_best(args: argparse.Namespace) -> int:
     from pipeline import train_best
 
@@ -101,6 +130,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
+
+
+def cmd_mlflow_server(args: argparse.Namespace) -> int:
+    """An MLflow tracking server for several hosts: PostgreSQL backend store, served artifacts."""
+    from pipeline.storage import ensure_postgres_database
+
+    ensure_postgres_database(args.backend_store_uri)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        args.backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        Path(args.artifacts).resolve().as_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--allowed-hosts",
+        args.allowed_hosts,
+    ]
+    # mlflow server starts uvicorn by name: this environment's bin must be on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    log.info(
+        "MLflow server on http://%s:%s, backend %s",
+        args.host,
+        args.port,
+        args.backend_store_uri.split("@")[-1],
+    )
+    return subprocess.call(cmd, env=os.environ | {"PATH": path})
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -180,6 +242,26 @@ def parser() -> argparse.ArgumentParser:
     )
     tune.set_defaults(func=cmd_tune)
 
+    worker = sub.add_parser(
+        "tune-worker", help="join a study as one more worker (any host with the same settings)"
+    )
+    _add(worker, COMMON)
+    _add(worker, TUNE)
+    worker.add_argument(
+        "--until",
+        type=int,
+        help="stop at this many finished trials in the study "
+        "(default: --n-trials, counted over the whole study)",
+    )
+    worker.add_argument("--parent-run-id", help="log trials under this MLflow run")
+    worker.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    worker.set_defaults(func=cmd_tune_worker)
+
+    rep = sub.add_parser("report", help="log the study's plots and summary to MLflow")
+    _add(rep, COMMON)
+    rep.add_argument("--run-id", help="log to this run instead of a new one")
+    rep.set_defaults(func=cmd_report)
+
     best = sub.add_parser("train-best", help="retrain the best trial, test it, register it")
     _add(best, COMMON)
     _add(best, TRAIN_BEST)
@@ -192,6 +274,19 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", dest="host")
     serve.add_argument("--port", dest="port", type=int)
     serve.set_defaults(func=cmd_serve)
+
+    server = sub.add_parser("mlflow-server", help="MLflow tracking server on PostgreSQL")
+    server.add_argument(
+        "--backend-store-uri",
+        default=os.environ.get(
+            "FACEOPT_MLFLOW_BACKEND", "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
+        ),
+    )
+    server.add_argument("--artifacts", default="mlartifacts", help="where served artifacts live")
+    server.add_argument("--host", default="0.0.0.0")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--allowed-hosts", default="*", help="Host headers the server accepts")
+    server.set_defaults(func=cmd_mlflow_server)
 
     dl = sub.add_parser("data", help="download age_gender.csv from Kaggle")
     dl.add_argument("--dir", default="data", help="where to put it (default: data/)")

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     sampler_args: dict = Field(default_factory=dict)
     pruner: PrunerName = "median"
     n_jobs: int = Field(1, ge=1)
+    workers: int | Literal["auto"] = 1  # processes on one study; auto: one per GPU
+    heartbeat_interval: int = Field(10, ge=1)  # seconds between a running trial's heartbeats
+    grace_period: int = Field(30, ge=1)  # a trial without a heartbeat this long is failed...
+    max_retry: int = Field(2, ge=0)  # ...and queued again, at most this many times
     seed: int = 42
 
     train_epochs: int = Field(50, ge=1)  # train-best: the most epochs; early stopping ends sooner
@@ -56,11 +60,20 @@ class Settings(BaseSettings):
     max_files: int = Field(16, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard, checked before decoding
     reload_token: str | None = None  # when set, POST /reload needs "Authorization: Bearer <token>"
-    torch_threads: int | None = None  # serving threads for torch; default: min(4, cores)
+    torch_threads: int | None = None  # torch threads; serving default min(4, cores), workers share
 
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # of what is left after the test split
     age_edges: tuple[int, ...] = (0, 3, 18, 45, 64, 116)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        if isinstance(value, str) and value != "auto":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"workers must be a positive integer or 'auto', got {value!r}")
+            return int(value)
+        return value
 
     @field_validator("age_edges")
     @classmethod

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import tempfile
 import time
 import traceback
@@ -18,6 +20,8 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pipeline.storage import enable_wal
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ STATUS = {
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
+    enable_wal(tracking_uri)  # a local SQLite store is shared by every worker process
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -87,8 +92,14 @@ class TrialLogger:
             "state": "RUNNING",
             **self.tags,
         }
+        retry_of = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        if retry_of is not None:
+            tags["optuna.retry_of"] = str(retry_of)
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        tags["faceopt.worker"] = worker
         run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         trial.set_user_attr(RUN_ID_ATTR, run_id)
+        trial.set_user_attr("worker", worker)
         log_metrics(self.client, run_id, {"trial_number": trial.number})
         return run_id
 
@@ -103,6 +114,15 @@ class TrialLogger:
         if status != "FAILED":
             self.client.set_tag(run_id, "state", "FAIL")
             self.client.set_terminated(run_id, status=status)
+
+    def stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """A trial whose worker died (no heartbeat): close its run as FAILED, never RUNNING."""
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, "error", "its worker stopped sending heartbeats (killed?)")
+        self.client.set_tag(run_id, "state", "FAIL")
+        self.client.set_terminated(run_id, status="FAILED")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import tempfile
 from collections.abc import Callable
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import torch
+from optuna.storages import BaseStorage
 
-from pipeline import data, labels, model, report, samplers, space, tracking, train
+from pipeline import data, labels, model, report, samplers, space, storage, tracking, train, workers
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
@@ -41,18 +44,21 @@ def study_attrs(settings: Settings, faces: data.FaceSet, split: data.Split) -> d
     }
 
 
-def open_study(settings: Settings, attrs: dict) -> optuna.Study:
+def open_study(
+    settings: Settings, attrs: dict, store: BaseStorage | str | None = None, salt: int = 0
+) -> optuna.Study:
     """Create the study or load it (load_if_exists), checking it was made with the same setup."""
     study = optuna.create_study(
-        storage=settings.storage,
+        storage=store or settings.storage,
         study_name=settings.study,
         direction="maximize",
         pruner=samplers.make_pruner(settings.pruner, settings.epochs),
         load_if_exists=True,
     )
-    # A resumed study must not replay the same random draws: seed by how far the study got.
+    # A resumed study must not replay the same random draws: seed by how far the study got,
+    # and (salt) by worker, so processes joining at once do not propose the same points.
     study.sampler = samplers.make_sampler(
-        settings.sampler, settings.seed + len(study.trials), **settings.sampler_args
+        settings.sampler, settings.seed + len(study.trials) + salt, **settings.sampler_args
     )
     recorded = study.user_attrs
     if not recorded:
@@ -125,13 +131,58 @@ def versions() -> dict[str, str]:
 
 
 def run(settings: Settings) -> dict:
-    """Run settings.n_trials more trials on the study; returns its summary."""
-    faces = data.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
-    split = data.split(
-        faces, settings.age_edges, settings.seed, settings.test_fraction, settings.val_fraction
+    """Add settings.n_trials trials to the study, in this process or in settings.workers processes."""
+    if settings.workers != 1:
+        return run_workers(settings)
+    return run_worker(settings)
+
+
+def run_workers(settings: Settings) -> dict:
+    """Spawn worker processes on one study under one parent run; plots and summary made once here."""
+    faces, split, attrs = load_data(settings)
+    client = tracking.client_for(settings.tracking_uri)
+    study = open_study(
+        settings,
+        attrs,
+        storage.open_storage(settings.storage, settings.heartbeat_interval, settings.grace_period),
     )
-    attrs = study_attrs(settings, faces, split)
-    study = open_study(settings, attrs)
+    until = workers.finished(study) + settings.n_trials
+    experiment_id = tracking.ensure_experiment(client, settings.study, settings.artifact_root)
+    parent = tracking.start_parent(
+        client,
+        experiment_id,
+        settings.study,
+        {"workers": str(settings.workers), "data.fingerprint": faces.fingerprint},
+    )
+    _log_setup(client, parent, settings, attrs, split)
+    status = "FAILED"
+    try:
+        codes = workers.spawn(settings, parent, until, study)
+        if any(codes):
+            raise RuntimeError(f"worker exit codes {codes}; see their messages above")
+        status = "FINISHED"
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C and close their own trials
+        status = "KILLED"
+        raise
+    finally:
+        _close_parent(client, parent, study, status, settings.metric)
+    return report.summary(study)
+
+
+def run_worker(
+    settings: Settings,
+    parent_run_id: str | None = None,
+    until: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run trials in this process: n_trials more, or (until) to that many finished in the study.
+
+    With parent_run_id the trials' runs go under that run (a coordinator's); otherwise this
+    invocation opens its own parent run and, if no other worker is still busy, makes the plots.
+    """
+    faces, split, attrs = load_data(settings)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     device = train.select_device()
     precision = train.select_precision(device)
     log.info(
@@ -140,37 +191,74 @@ def run(settings: Settings) -> dict:
     train_set = train.to_tensors(faces, split.train, settings.age_edges, device)
     val_set = train.to_tensors(faces, split.val, settings.age_edges, device)
 
-    client = tracking.client_for(settings.tracking_uri)
-    experiment_id = tracking.ensure_experiment(client, settings.study, settings.artifact_root)
+    with storage.init_lock(settings.tracking_uri):
+        client = tracking.client_for(settings.tracking_uri)
+        experiment_id = tracking.ensure_experiment(client, settings.study, settings.artifact_root)
     run_tags = {
         "device": str(device),
         "precision": precision.name,
         "sampler": settings.sampler,
         "pruner": settings.pruner,
     }
-    parent = tracking.start_parent(
+    own_parent = parent_run_id is None
+    parent = parent_run_id or tracking.start_parent(
         client, experiment_id, settings.study, {**run_tags, "data.fingerprint": faces.fingerprint}
     )
-    _log_setup(client, parent, settings, attrs, split)
     logger = tracking.TrialLogger(client, experiment_id, parent, run_tags)
+    on_stale = storage.retry_stale(settings.max_retry, before=logger.stale)
+    with storage.init_lock(settings.storage):
+        study = open_study(
+            settings,
+            attrs,
+            storage.open_storage(
+                settings.storage, settings.heartbeat_interval, settings.grace_period, on_stale
+            ),
+            salt=0 if until is None else os.getpid(),
+        )
+    if own_parent:
+        _log_setup(client, parent, settings, attrs, split)
+    objective = make_objective(settings, train_set, val_set, logger, precision)
+    optimize = {"func": objective, "callbacks": [logger], "catch": (Exception,)}  # FAIL, go on
     status = "FAILED"
     try:
-        study.optimize(
-            make_objective(settings, train_set, val_set, logger, precision),
-            n_trials=settings.n_trials,
-            timeout=settings.timeout,
-            n_jobs=settings.n_jobs,
-            callbacks=[logger],
-            catch=(Exception,),  # a failed trial is recorded as FAIL; the study goes on
-            show_progress_bar=True,
-        )
+        if until is None:
+            study.optimize(
+                n_trials=settings.n_trials,
+                timeout=settings.timeout,
+                n_jobs=settings.n_jobs,
+                show_progress_bar=progress,
+                **optimize,
+            )
+        else:
+
+            def run_one(started: Callable[[], None]) -> None:
+                def claimed(trial: optuna.Trial) -> float:
+                    started()  # the trial now exists: other workers may count it
+                    return objective(trial)
+
+                study.optimize(claimed, n_trials=1, callbacks=[logger], catch=(Exception,))
+
+            lock = workers.ClaimLock(settings.storage, settings.study)
+            workers.optimize_until(
+                study, run_one, until, settings.timeout, settings.heartbeat_interval, lock
+            )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        _close_parent(client, parent, study, status, settings.metric)
+        if own_parent:
+            last = until is None or not workers.counts(study)[optuna.trial.TrialState.RUNNING]
+            _close_parent(client, parent, study, status, settings.metric, plots=last)
     return report.summary(study)
+
+
+def load_data(settings: Settings) -> tuple[data.FaceSet, data.Split, dict]:
+    faces = data.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
+    split = data.split(
+        faces, settings.age_edges, settings.seed, settings.test_fraction, settings.val_fraction
+    )
+    return faces, split, study_attrs(settings, faces, split)
 
 
 def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data.Split) -> None:
@@ -204,7 +292,9 @@ def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data
         client.log_artifact(run_id, str(path))
 
 
-def _close_parent(client, run_id: str, study: optuna.Study, status: str, metric: str) -> None:
+def _close_parent(
+    client, run_id: str, study: optuna.Study, status: str, metric: str, plots: bool = True
+) -> None:
     """Summary and plots on the parent run; never lets a plotting problem hide the study's result."""
     summary = report.summary(study)
     try:
@@ -213,8 +303,28 @@ def _close_parent(client, run_id: str, study: optuna.Study, status: str, metric:
             numbers["best_value"] = summary["best_value"]
         tracking.log_metrics(client, run_id, numbers)
         tracking.log_json(client, run_id, summary, "summary.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in report.write_plots(study, Path(tmp), f"val {metric} accuracy"):
-                client.log_artifact(run_id, str(path), artifact_path="plots")
+        if plots:
+            log_plots(client, run_id, study, metric)
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def log_plots(client, run_id: str, study: optuna.Study, metric: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in report.write_plots(study, Path(tmp), f"val {metric} accuracy"):
+            client.log_artifact(run_id, str(path), artifact_path="plots")
+
+
+def report_run(settings: Settings, run_id: str | None = None) -> str:
+    """Plots and summary of the whole study, on `run_id` or on a new run in its experiment."""
+    study = optuna.load_study(study_name=settings.study, storage=settings.storage)
+    client = tracking.client_for(settings.tracking_uri)
+    if run_id is None:
+        experiment_id = tracking.ensure_experiment(client, settings.study, settings.artifact_root)
+        run_id = tracking.start_parent(
+            client, experiment_id, settings.study, {"faceopt.report": "1"}
+        )
+    _close_parent(
+        client, run_id, study, "FINISHED", study.user_attrs.get("metric", settings.metric)
+    )
+    return run_id

@@ -1,0 +1,116 @@
+"""Optuna storage from a URL: safe for several processes, with heartbeats to retry dead workers' trials."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import sqlite3
+import warnings
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial
+
+log = logging.getLogger(__name__)
+
+SQLITE = "sqlite:///"
+JOURNAL = "journal:"
+StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a local sqlite:/// URL, else None."""
+    if not url.startswith(SQLITE) or url == SQLITE + ":memory:":
+        return None
+    return Path(url.removeprefix(SQLITE))
+
+
+def enable_wal(url: str) -> None:
+    """Write-ahead logging on a local SQLite file: readers stop blocking the writer and several
+    processes can share it. The mode is stored in the file, so once is enough."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=60) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
+@contextmanager
+def init_lock(*urls: str):
+    """Hold an exclusive file lock beside each local SQLite store while it is created or migrated:
+    workers started together would otherwise race on creating the same tables."""
+    with ExitStack() as stack:
+        for url in urls:
+            path = sqlite_path(url)
+            if path is None:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = stack.enter_context(open(f"{path}.lock", "w"))
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def open_storage(
+    url: str, heartbeat_interval: int, grace_period: int, on_stale: StaleCallback | None = None
+) -> BaseStorage:
+    """RDB storage (SQLite in WAL mode with a long busy timeout, or any SQLAlchemy URL) with
+    heartbeats; `journal:<file>` for Optuna's journal file (no heartbeats there)."""
+    if url.startswith(JOURNAL):
+        return JournalStorage(JournalFileBackend(url.removeprefix(JOURNAL)))
+    engine_kwargs: dict = {"pool_pre_ping": True}
+    ensure_postgres_database(url)
+    if sqlite_path(url):
+        enable_wal(url)
+        # A writer waits up to a minute for another instead of failing "database is locked".
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=on_stale,
+        )
+
+
+def retry_stale(max_retry: int, before: StaleCallback | None = None) -> StaleCallback:
+    """Run `before` (close the trial's MLflow run), then queue the trial again with its params."""
+    # Optuna 4.9 renamed the callback; take the new name where it exists.
+    retry_class = getattr(
+        optuna.storages, "RetryHeartbeatStaleTrialCallback", RetryFailedTrialCallback
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = retry_class(max_retry=max_retry)
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        log.warning("trial %d lost its worker (no heartbeat); retrying it", trial.number)
+        if before:
+            before(study, trial)
+        retry(study, trial)
+
+    return callback
+
+
+def ensure_postgres_database(url: str) -> None:
+    """Create the database a postgresql:// URL names when it does not exist yet (needs psycopg)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("postgresql") or not parsed.database:
+        return
+    import psycopg
+
+    admin = parsed.set(drivername="postgresql", database="postgres")
+    dsn = admin.render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (parsed.database,))
+        if exists.fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{parsed.database}"')
+            log.info("created PostgreSQL database %s", parsed.database)

@@ -1,0 +1,193 @@
+"""Several worker processes on one study: PostgreSQL, a killed worker, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tune, workers
+from pipeline.config import Settings
+from tests.conftest import synthetic_faces, write_csv
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def runs_by_trial(settings: Settings) -> dict[int, list]:
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.study)
+    found: dict[int, list] = {}
+    for run in client.search_runs([exp.experiment_id], max_results=1000):
+        if "optuna.trial_number" in run.data.tags:
+            found.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
+    return found
+
+
+@pytest.fixture
+def postgres_url():
+    psycopg = pytest.importorskip("psycopg")
+    name = f"faceopt_test_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL server reachable at 127.0.0.1:5432 ({e})")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql(settings: Settings, postgres_url: str) -> None:
+    pg = settings.model_copy(
+        update={
+            "storage": postgres_url,
+            "workers": 2,
+            "n_trials": 12,
+            "epochs": 1,
+            "sampler": "tpe",
+        }
+    )
+    summary = tune.run(pg)
+    assert summary["trials"] == 12 and summary["complete"] == 12
+    study = optuna.load_study(study_name=pg.study, storage=postgres_url)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers did trials
+    runs = runs_by_trial(pg)
+    assert sorted(runs) == list(range(12))
+    assert all(len(r) == 1 for r in runs.values())  # no duplicates
+    statuses = Counter(r[0].info.status for r in runs.values())
+    assert statuses == {"FINISHED": 12}
+    parents = {r[0].data.tags["mlflow.parentRunId"] for r in runs.values()}
+    assert len(parents) == 1
+    parent = MlflowClient(pg.tracking_uri).get_run(parents.pop())
+    assert parent.info.status == "FINISHED" and parent.data.metrics["complete"] == 12
+
+
+def start_worker(settings: Settings, until: int, log: Path) -> subprocess.Popen:
+    env = os.environ | workers.settings_env(settings) | {"FACEOPT_TORCH_THREADS": "1"}
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "tune-worker", "--until", str(until), "--quiet"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Settings) -> None:
+    """SIGKILL one of two workers mid-trial on the default SQLite store."""
+    slow = settings.model_copy(
+        update={
+            "data": write_csv(synthetic_faces(3000), tmp_path / "big.csv"),
+            "epochs": 4,
+            "heartbeat_interval": 1,
+            "grace_period": 3,
+            "study": "kill",
+        }
+    )
+    tune.load_data(slow)  # decode once, so both workers start from the cache together
+    a = start_worker(slow, 8, tmp_path / "a.log")
+    b = start_worker(slow, 8, tmp_path / "b.log")
+    storage_url = slow.storage
+
+    def running_of(pid: int) -> list[optuna.trial.FrozenTrial]:
+        try:
+            study = optuna.load_study(study_name="kill", storage=storage_url)
+        except KeyError:
+            return []
+        return [
+            t
+            for t in study.get_trials(states=[optuna.trial.TrialState.RUNNING])
+            if t.user_attrs.get("worker", "").endswith(f":{pid}")
+        ]
+
+    wait_for(lambda: running_of(a.pid), 120, "worker A to start a trial")
+    time.sleep(0.5)
+    (victim,) = running_of(a.pid)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    assert b.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+
+    study = optuna.load_study(study_name="kill", storage=storage_url)
+    states = Counter(t.state for t in study.trials)
+    assert states[optuna.trial.TrialState.COMPLETE] >= 8
+    assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].params == victim.params
+
+    runs = runs_by_trial(slow)
+    (killed_run,) = runs[victim.number]
+    assert killed_run.info.status == "FAILED" and killed_run.data.tags["state"] == "FAIL"
+    assert "heartbeat" in killed_run.data.tags["error"]
+    assert runs[retries[0].number][0].data.tags["optuna.retry_of"] == str(victim.number)
+    assert not [r for rs in runs.values() for r in rs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
+    tmp_path: Path, settings: Settings
+) -> None:
+    slow = settings.model_copy(
+        update={
+            "data": write_csv(synthetic_faces(3000), tmp_path / "big.csv"),
+            "epochs": 6,
+            "study": "interrupt",
+            "n_trials": 3,
+        }
+    )
+    tune.load_data(slow)
+    env = os.environ | workers.settings_env(slow)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "tune"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def a_trial_runs() -> bool:
+        try:
+            study = optuna.load_study(study_name="interrupt", storage=slow.storage)
+        except KeyError:
+            return False
+        return bool(study.get_trials(states=[optuna.trial.TrialState.RUNNING]))
+
+    wait_for(a_trial_runs, 120, "a running trial")
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "run the same command to resume" in out
+
+    study = optuna.load_study(study_name="interrupt", storage=slow.storage)
+    interrupted = study.trials[-1]
+    assert interrupted.state == optuna.trial.TrialState.FAIL
+    (run,) = runs_by_trial(slow)[interrupted.number]
+    assert run.info.status == "KILLED" and run.data.tags["state"] == "FAIL"
+    client = MlflowClient(slow.tracking_uri)
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
+
+    before = len(study.trials)
+    tune.run(slow.model_copy(update={"n_trials": 1, "epochs": 1}))
+    assert len(optuna.load_study(study_name="interrupt", storage=slow.storage).trials) == before + 1
