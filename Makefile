@@ -18,7 +18,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune tune-worker report mlflow-server train-best serve ui test lint bench bench-serve
+.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best serve ui test lint bench bench-serve
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,14 @@ tune: setup ## run or resume the Optuna study (DATA=path/to/age_gender.csv N_TRI
 
 tune-worker: setup ## join a study from any host until it has N_TRIALS finished trials (same settings)
 	$(FACEOPT) tune-worker $(TUNE_FLAGS)
+
+compare-samplers: setup ## one study per sampler and seed, same budget (SAMPLERS SEEDS N_TRIALS PRUNER)
+	$(FACEOPT) compare-samplers $(TUNE_FLAGS) --samplers $(or $(SAMPLERS),random,tpe,skopt,gp) \
+		--seeds $(or $(SEEDS),3) $(if $(N_TRIALS),,--n-trials 100) $(call flag,PREFIX,prefix)
+
+compare-samplers-quick: setup ## a first look: random vs tpe, 2 seeds x 20 trials of 5 epochs
+	$(FACEOPT) compare-samplers $(STUDY_FLAGS) --samplers random,tpe --seeds 2 --n-trials 20 \
+		--epochs 5 --prefix quick
 
 report: setup ## log the study's plots and summary to MLflow (after workers on several hosts)
 	$(FACEOPT) report $(STUDY_FLAGS)

@@ -1,20 +1,50 @@
-"""`make bench`: pipeline benchmarks, each a median of repeats with min and max, as ratios
+"""`make bench`: the pipeline's costs, each a median of repeats with min and max, and each set
 against a baseline measured in the same run. Prints a markdown table and writes it to
-bench/results/."""
+bench/results/.
+
+1. data load: first load of the CSV.gz (decode) against the cached load;
+2. training throughput: our in-memory loop against a plain DataLoader(TensorDataset) loop;
+3. MLflow logging overhead: trial wall time with and without our trial logger;
+4. cost growth: trial time at 25%, 50%, 100% of the training data, and a tuning run's peak memory;
+5. workers: finished trials per minute with 1 and with 2 worker processes, same budget.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import data
+import numpy as np
+import optuna
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline import data, labels, model, train, tune
+from pipeline.config import Settings
 
 RESULTS = Path(__file__).parent / "results"
+EDGES = (0, 3, 18, 45, 64, 116)
+# A mid-sized configuration of the mlp space, fixed so every measurement trains the same network.
+PARAMS = {
+    "arch": "mlp",
+    "num_fc_layers": 6,
+    "last_fc": 32,
+    "optimizer": "Adam",
+    "lr": 1e-3,
+    "batch_size": 64,
+    **{f"fc_output_feat_{i}": 48 for i in range(6)},
+    **{f"fc_dropout_{i}": 0.2 for i in range(6)},
+}
+Row = tuple[str, str, str]
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -26,12 +56,12 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def fmt(times: list[float]) -> str:
-    return f"{statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})"
+def fmt(values: list[float], unit: str = "s", digits: int = 3) -> str:
+    med, lo, hi = statistics.median(values), min(values), max(values)
+    return f"{med:.{digits}f} {unit} (min {lo:.{digits}f}, max {hi:.{digits}f})"
 
 
-def bench_load(path: Path, repeats: int) -> list[tuple[str, str, str]]:
-    """First load (decode, into an empty cache) against the cached load of the same file."""
+def bench_load(path: Path, repeats: int) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         caches = iter(range(repeats))
         # A fresh cache folder per repeat, so every "first" load really decodes.
@@ -44,17 +74,216 @@ def bench_load(path: Path, repeats: int) -> list[tuple[str, str, str]]:
     ]
 
 
+def _sets(faces: data.FaceSet, fraction: float = 1.0) -> tuple[train.Tensors, train.Tensors]:
+    split = data.split(faces, EDGES, 42, 0.2, 0.2)
+    rows = split.train[: int(len(split.train) * fraction)]
+    cpu = torch.device("cpu")
+    return train.to_tensors(faces, rows, EDGES, cpu), train.to_tensors(faces, split.val, EDGES, cpu)
+
+
+def _dataloader_epoch(net, optimizer, tensors: train.Tensors) -> None:
+    """The textbook loop: per-sample indexing and collation by DataLoader."""
+    dataset = TensorDataset(tensors.x, *(tensors.y[h] for h in labels.HEADS))
+    net.train()
+    for x, *ys in DataLoader(dataset, batch_size=PARAMS["batch_size"], shuffle=True):
+        loss = train.multitask_loss(net(x), dict(zip(labels.HEADS, ys, strict=True)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def bench_training(faces: data.FaceSet, repeats: int, epochs: int = 2) -> list[Row]:
+    train_set, _ = _sets(faces)
+    classes = labels.num_classes(EDGES)
+
+    def ours() -> None:
+        net = model.build(PARAMS, classes)
+        opt = train.make_optimizer("Adam", net.parameters(), PARAMS["lr"])
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            train.train_epoch(net, opt, train_set, PARAMS["batch_size"], gen)
+
+    def plain() -> None:
+        net = model.build(PARAMS, classes)
+        opt = train.make_optimizer("Adam", net.parameters(), PARAMS["lr"])
+        for _ in range(epochs):
+            _dataloader_epoch(net, opt, train_set)
+
+    samples = len(train_set) * epochs
+    ours_rate = [samples / t for t in timed(ours, repeats)]
+    plain_rate = [samples / t for t in timed(plain, repeats)]
+    ratio = statistics.median(ours_rate) / statistics.median(plain_rate)
+    return [
+        (
+            "training: DataLoader(TensorDataset), batch 64",
+            fmt(plain_rate, "samples/s", 0),
+            "baseline",
+        ),
+        (
+            "training: in-memory batched indexing, batch 64",
+            fmt(ours_rate, "samples/s", 0),
+            f"{ratio:.1f}x faster",
+        ),
+    ]
+
+
+class _NoLogger:
+    """Stands in for TrialLogger: the same calls, nothing logged."""
+
+    def start(self, trial: optuna.Trial) -> str:
+        return ""
+
+    def log_params(self, *args) -> None:
+        pass
+
+    def log_epoch(self, *args) -> None:
+        pass
+
+    def fail(self, *args, **kwargs) -> None:
+        pass
+
+    def __call__(self, study, trial) -> None:
+        pass
+
+
+def _trial_seconds(settings: Settings, sets, logger, n: int) -> list[float]:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    params = {k: v for k, v in PARAMS.items() if k != "arch"}
+    for _ in range(n):
+        study.enqueue_trial(params)
+    objective = tune.make_objective(settings, *sets, logger)
+    study.optimize(objective, n_trials=n, callbacks=[logger])
+    return [t.duration.total_seconds() for t in study.trials]
+
+
+def bench_mlflow(faces: data.FaceSet, repeats: int, tmp: Path) -> list[Row]:
+    settings = Settings(
+        epochs=5,
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        artifact_root=tmp / "mlruns",
+        study="bench",
+    )
+    sets = _sets(faces)
+    client = tune.tracking.client_for(settings.tracking_uri)
+    experiment = tune.tracking.ensure_experiment(client, "bench", settings.artifact_root)
+    parent = tune.tracking.start_parent(client, experiment, "bench", {})
+    logged = tune.tracking.TrialLogger(client, experiment, parent, {})
+    with_logger, without = [], []
+    for _ in range(repeats):  # interleaved, so machine noise hits both alike
+        without += _trial_seconds(settings, sets, _NoLogger(), 1)
+        with_logger += _trial_seconds(settings, sets, logged, 1)
+    overhead = 100 * (statistics.median(with_logger) / statistics.median(without) - 1)
+    return [
+        ("trial (5 epochs), no logging", fmt(without), "baseline"),
+        ("trial (5 epochs), MLflow trial logger", fmt(with_logger), f"{overhead:+.1f}% time"),
+    ]
+
+
+def bench_growth(faces: data.FaceSet, repeats: int, tmp: Path) -> list[Row]:
+    settings = Settings(epochs=3)
+    rows, base = [], None
+    for fraction in (0.25, 0.5, 1.0):
+        times = []
+        for _ in range(repeats):
+            times += _trial_seconds(settings, _sets(faces, fraction), _NoLogger(), 1)
+        base = base or statistics.median(times)
+        rows.append(
+            (
+                f"trial (3 epochs) on {fraction:.0%} of the training data",
+                fmt(times),
+                f"{statistics.median(times) / base:.2f}x the 25% time",
+            )
+        )
+    return rows
+
+
+def _tune_cmd(data_path: Path, tmp: Path, study: str, n_trials: int, n_workers: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "tune",
+        "--data",
+        str(data_path),
+        "--storage",
+        f"sqlite:///{tmp / 'optuna.db'}",
+        "--tracking-uri",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+        "--study",
+        study,
+        "--n-trials",
+        str(n_trials),
+        "--epochs",
+        "3",
+        "--sampler",
+        "random",
+        "--pruner",
+        "none",
+        "--workers",
+        str(n_workers),
+    ]
+
+
+def bench_tuning(data_path: Path, repeats: int, tmp: Path, n_trials: int = 12) -> list[Row]:
+    """Trials per minute with 1 and 2 worker processes; peak memory of a tuning process."""
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    env = os.environ | {"FACEOPT_ARTIFACT_ROOT": str(tmp / "mlruns")}
+    for r in range(repeats):
+        for n in (1, 2):
+            start = time.perf_counter()
+            subprocess.run(
+                _tune_cmd(data_path, tmp, f"w{n}-{r}", n_trials, n),
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            rates[n].append(n_trials / (time.perf_counter() - start) * 60)
+    peak_mb = (
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    )  # largest child, Linux KiB
+    ratio = statistics.median(rates[2]) / statistics.median(rates[1])
+    return [
+        (
+            f"tuning, 1 worker ({n_trials} trials x 3 epochs)",
+            fmt(rates[1], "trials/min", 1),
+            "baseline",
+        ),
+        (
+            f"tuning, 2 workers ({n_trials} trials x 3 epochs)",
+            fmt(rates[2], "trials/min", 1),
+            f"{ratio:.2f}x the trials/min",
+        ),
+        ("tuning: peak memory of one process", f"{peak_mb:.0f} MB (max over the runs above)", "-"),
+    ]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=Path("../shared/data/age_gender.csv.gz"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not args.data.exists():
         raise SystemExit(data.missing_data_message(args.data))
+    started = time.time()
     rows = bench_load(args.data, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        faces = data.load(args.data, Path(tmp) / "cache")
+        rows += bench_training(faces, args.repeats)
+        rows += bench_mlflow(faces, args.repeats, Path(tmp))
+        rows += bench_growth(faces, args.repeats, Path(tmp))
+        rows += bench_tuning(args.data, max(2, args.repeats - 1), Path(tmp))
     table = "\n".join(
-        ["| benchmark | median (min, max) | vs baseline |", "| --- | --- | --- |"]
+        [
+            f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
+            f"{time.time() - started:.0f} s in all",
+            "",
+            "| benchmark | median (min, max) | against the baseline |",
+            "| --- | --- | --- |",
+        ]
         + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     )
     print(table)
@@ -65,4 +294,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    np.seterr(all="ignore")
     main()

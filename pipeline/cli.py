@@ -93,6 +93,18 @@ def cmd_tune_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline import compare
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    samplers, seeds, prefix = args.samplers.split(","), args.seeds, args.prefix
+    del args.samplers, args.seeds, args.prefix
+    table, run_id = compare.run(_settings(args), samplers, seeds, prefix)
+    print(table)
+    print(f"comparison logged to MLflow run {run_id} (experiment {prefix}-comparison)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline import tune
 
@@ -256,6 +268,14 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--parent-run-id", help="log trials under this MLflow run")
     worker.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     worker.set_defaults(func=cmd_tune_worker)
+
+    cmp = sub.add_parser("compare-samplers", help="one study per sampler and seed, compared")
+    _add(cmp, COMMON)
+    _add(cmp, TUNE)
+    cmp.add_argument("--samplers", default="random,tpe,skopt,gp")
+    cmp.add_argument("--seeds", type=int, default=3)
+    cmp.add_argument("--prefix", default="compare", help="study names: <prefix>-<sampler>-s<k>")
+    cmp.set_defaults(func=cmd_compare)
 
     rep = sub.add_parser("report", help="log the study's plots and summary to MLflow")
     _add(rep, COMMON)

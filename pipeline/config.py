@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     grace_period: int = Field(30, ge=1)  # a trial without a heartbeat this long is failed...
     max_retry: int = Field(2, ge=0)  # ...and queued again, at most this many times
     seed: int = 42
+    split_seed: int | None = None  # the split's own seed when it must not follow `seed`
 
     train_epochs: int = Field(50, ge=1)  # train-best: the most epochs; early stopping ends sooner
     patience: int = Field(5, ge=1)  # train-best: epochs without a better validation metric
@@ -65,6 +66,10 @@ class Settings(BaseSettings):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # of what is left after the test split
     age_edges: tuple[int, ...] = (0, 3, 18, 45, 64, 116)
+
+    @property
+    def split_seed_or_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 import optuna
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -82,59 +82,79 @@ class TrialLogger:
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.tags = tags
+        # Epoch metrics are logged asynchronously so training never waits on the store; a run's
+        # pending writes are awaited before it is closed.
+        self._pending: dict[str, list] = {}
 
     def start(self, trial: optuna.Trial) -> str:
+        worker = f"{socket.gethostname()}:{os.getpid()}"
         tags = {
             MLFLOW_PARENT_RUN_ID: self.parent_run_id,
             MLFLOW_RUN_NAME: f"trial-{trial.number}",
             "optuna.study": trial.study.study_name,
             "optuna.trial_number": str(trial.number),
+            "faceopt.worker": worker,
             "state": "RUNNING",
             **self.tags,
         }
         retry_of = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         if retry_of is not None:
             tags["optuna.retry_of"] = str(retry_of)
-        worker = f"{socket.gethostname()}:{os.getpid()}"
-        tags["faceopt.worker"] = worker
         run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         trial.set_user_attr("worker", worker)
-        log_metrics(self.client, run_id, {"trial_number": trial.number})
+        self._log_async(run_id, {"trial_number": trial.number}, step=0)
         return run_id
 
+    def log_params(self, run_id: str, params: dict) -> None:
+        log_params(self.client, run_id, params)
+
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-        log_metrics(self.client, run_id, metrics, step=epoch)
+        self._log_async(run_id, metrics, step=epoch)
+
+    def _log_async(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        future = self.client.log_batch(run_id, metrics=batch, synchronous=False)
+        self._pending.setdefault(run_id, []).append(future)
+
+    def _close(self, run_id: str, tags: dict, status: str, metrics: dict | None = None) -> None:
+        for future in self._pending.pop(run_id, []):
+            future.wait()
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        if status:
+            self.client.set_terminated(run_id, status=status)
 
     def fail(self, run_id: str, error: BaseException, status: str = "FAILED") -> None:
         """Record why a trial failed; for interrupts also close the run (no callback will)."""
-        message = f"{type(error).__name__}: {error}"[:5000]
-        self.client.set_tag(run_id, "error", message)
-        self.client.set_tag(run_id, "traceback", "".join(traceback.format_exception(error))[-5000:])
+        tags = {
+            "error": f"{type(error).__name__}: {error}"[:5000],
+            "traceback": "".join(traceback.format_exception(error))[-5000:],
+        }
         if status != "FAILED":
-            self.client.set_tag(run_id, "state", "FAIL")
-            self.client.set_terminated(run_id, status=status)
+            tags["state"] = "FAIL"
+        self._close(run_id, tags, status if status != "FAILED" else "")
 
     def stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A trial whose worker died (no heartbeat): close its run as FAILED, never RUNNING."""
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id is None:
-            return
-        self.client.set_tag(run_id, "error", "its worker stopped sending heartbeats (killed?)")
-        self.client.set_tag(run_id, "state", "FAIL")
-        self.client.set_terminated(run_id, status="FAILED")
+        if run_id is not None:
+            tags = {"error": "its worker stopped sending heartbeats (killed?)", "state": "FAIL"}
+            self._close(run_id, tags, "FAILED")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id is None:  # the trial failed before its run was created
             return
-        log_params(self.client, run_id, trial.params)
         metrics = {}
         if trial.duration is not None:
             metrics["duration_s"] = trial.duration.total_seconds()
         if trial.value is not None:
             metrics["objective"] = trial.value
-        if metrics:
-            log_metrics(self.client, run_id, metrics)
-        self.client.set_tag(run_id, "state", trial.state.name)
-        self.client.set_terminated(run_id, status=STATUS.get(trial.state, "KILLED"))
+        status = STATUS.get(trial.state, "KILLED")
+        self._close(run_id, {"state": trial.state.name}, status, metrics)

@@ -91,7 +91,7 @@ def make_objective(
         run_id = logger.start(trial)
         try:
             params = space.suggest(trial, settings.space)
-            tracking.log_params(logger.client, run_id, params)
+            logger.log_params(run_id, params)
             seed = settings.seed + trial.number
             train.seed_everything(seed)
             net = model.build(params, classes).to(device)
@@ -256,7 +256,11 @@ def run_worker(
 def load_data(settings: Settings) -> tuple[data.FaceSet, data.Split, dict]:
     faces = data.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
     split = data.split(
-        faces, settings.age_edges, settings.seed, settings.test_fraction, settings.val_fraction
+        faces,
+        settings.age_edges,
+        settings.split_seed_or_seed,
+        settings.test_fraction,
+        settings.val_fraction,
     )
     return faces, split, study_attrs(settings, faces, split)
 
