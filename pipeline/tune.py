@@ -218,30 +218,9 @@ def run_worker(
     if own_parent:
         _log_setup(client, parent, settings, attrs, split)
     objective = make_objective(settings, train_set, val_set, logger, precision)
-    optimize = {"func": objective, "callbacks": [logger], "catch": (Exception,)}  # FAIL, go on
     status = "FAILED"
     try:
-        if until is None:
-            study.optimize(
-                n_trials=settings.n_trials,
-                timeout=settings.timeout,
-                n_jobs=settings.n_jobs,
-                show_progress_bar=progress,
-                **optimize,
-            )
-        else:
-
-            def run_one(started: Callable[[], None]) -> None:
-                def claimed(trial: optuna.Trial) -> float:
-                    started()  # the trial now exists: other workers may count it
-                    return objective(trial)
-
-                study.optimize(claimed, n_trials=1, callbacks=[logger], catch=(Exception,))
-
-            lock = workers.ClaimLock(settings.storage, settings.study)
-            workers.optimize_until(
-                study, run_one, until, settings.timeout, settings.heartbeat_interval, lock
-            )
+        _optimize(study, objective, logger, settings, until, progress)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -251,6 +230,41 @@ def run_worker(
             last = until is None or not workers.counts(study)[optuna.trial.TrialState.RUNNING]
             _close_parent(client, parent, study, status, settings.metric, plots=last)
     return report.summary(study)
+
+
+def _optimize(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    logger: tracking.TrialLogger,
+    settings: Settings,
+    until: int | None,
+    progress: bool,
+) -> None:
+    """n_trials more trials; or, as one of several workers, trials until `until` have finished."""
+    catch = (Exception,)  # a failed trial is recorded as FAIL and the study goes on
+    if until is None:
+        study.optimize(
+            objective,
+            n_trials=settings.n_trials,
+            timeout=settings.timeout,
+            n_jobs=settings.n_jobs,
+            callbacks=[logger],
+            catch=catch,
+            show_progress_bar=progress,
+        )
+        return
+
+    def run_one(started: Callable[[], None]) -> None:
+        def claimed(trial: optuna.Trial) -> float:
+            started()  # the trial now exists in the storage: other workers may count it
+            return objective(trial)
+
+        study.optimize(claimed, n_trials=1, callbacks=[logger], catch=catch)
+
+    lock = workers.ClaimLock(settings.storage, settings.study)
+    workers.optimize_until(
+        study, run_one, until, settings.timeout, settings.heartbeat_interval, lock
+    )
 
 
 def load_data(settings: Settings) -> tuple[data.FaceSet, data.Split, dict]:
@@ -281,6 +295,8 @@ def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data
             "pruner",
             "n_jobs",
             "seed",
+            "split_seed",
+            "workers",
             "test_fraction",
             "val_fraction",
             "age_edges",
