@@ -17,11 +17,14 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 	$(call flag,PRUNER,pruner) $(call flag,N_JOBS,n-jobs) $(call flag,WORKERS,workers) \
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
 
+# A variable, because a comma inside $(or ...) would split its arguments.
+ALL_SAMPLERS := random,tpe,skopt,gp
+
 .DEFAULT_GOAL := help
 .PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best serve ui test lint bench bench-serve
 
 help: ## list targets and the variables they take
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
 	@echo "  variables: DATA STUDY N_TRIALS TIMEOUT EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE"
 
 setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
@@ -44,7 +47,7 @@ tune-worker: setup ## join a study from any host until it has N_TRIALS finished 
 	$(FACEOPT) tune-worker $(TUNE_FLAGS)
 
 compare-samplers: setup ## one study per sampler and seed, same budget (SAMPLERS SEEDS N_TRIALS PRUNER)
-	$(FACEOPT) compare-samplers $(TUNE_FLAGS) --samplers $(or $(SAMPLERS),random,tpe,skopt,gp) \
+	$(FACEOPT) compare-samplers $(TUNE_FLAGS) --samplers $(or $(SAMPLERS),$(ALL_SAMPLERS)) \
 		--seeds $(or $(SEEDS),3) $(if $(N_TRIALS),,--n-trials 100) $(call flag,PREFIX,prefix)
 
 compare-samplers-quick: setup ## a first look: random vs tpe, 2 seeds x 20 trials of 5 epochs
