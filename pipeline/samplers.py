@@ -200,7 +200,10 @@ def make_sampler(name: str, seed: int | None, **kwargs: Any) -> BaseSampler:
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, constant_liar=True, **kwargs),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed, **kwargs),
         "skopt": lambda: SkoptSampler(seed=seed, **kwargs),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, **kwargs),
+        # The per-layer params are conditional: GP samples them independently, by design.
+        "gp": lambda: optuna.samplers.GPSampler(
+            seed=seed, warn_independent_sampling=False, **kwargs
+        ),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(
             seed=seed, warn_independent_sampling=False, **kwargs
         ),
