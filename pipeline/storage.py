@@ -14,6 +14,7 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
+from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +99,25 @@ def retry_stale(max_retry: int, before: StaleCallback | None = None) -> StaleCal
     return callback
 
 
+def postgres_dsn(url: str, database: str | None = None) -> str | None:
+    """A psycopg connection string for a postgresql[+driver]:// SQLAlchemy URL, else None."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("postgresql"):
+        return None
+    parsed = parsed.set(drivername="postgresql", database=database or parsed.database)
+    return parsed.render_as_string(hide_password=False)
+
+
 def ensure_postgres_database(url: str) -> None:
     """Create the database a postgresql:// URL names when it does not exist yet (needs psycopg)."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if not parsed.drivername.startswith("postgresql") or not parsed.database:
+    name = make_url(url).database
+    admin = postgres_dsn(url, database="postgres")
+    if admin is None or not name:
         return
     import psycopg
 
-    admin = parsed.set(drivername="postgresql", database="postgres")
-    dsn = admin.render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (parsed.database,))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         if exists.fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{parsed.database}"')
-            log.info("created PostgreSQL database %s", parsed.database)
+            conn.execute(f'CREATE DATABASE "{name}"')
+            log.info("created PostgreSQL database %s", name)

@@ -17,7 +17,6 @@ from collections.abc import Callable
 import optuna
 import torch
 from optuna.trial import TrialState
-from sqlalchemy.engine import make_url
 from tqdm.auto import tqdm
 
 from pipeline import storage
@@ -97,13 +96,12 @@ class ClaimLock:
         self._key = int.from_bytes(
             hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True
         )
-        path = storage.sqlite_path(url)
+        path, dsn = storage.sqlite_path(url), storage.postgres_dsn(url)
         if path is not None:
             self._file = open(f"{path}.claim.lock", "w")  # noqa: SIM115 - held for the worker's life
-        elif make_url(url).drivername.startswith("postgresql"):
+        elif dsn is not None:
             import psycopg
 
-            dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
             self._pg = psycopg.connect(dsn, autocommit=True)
 
     def acquire(self) -> None:
