@@ -30,7 +30,11 @@ def build(params: dict, classes: dict[str, int]) -> FaceNet:
         body, features = _cnn_body(params)
     else:
         raise ValueError(f"unknown arch {arch!r} in params; expected 'mlp' or 'cnn'")
-    return FaceNet(body, features, classes)
+    net = FaceNet(body, features, classes)
+    if arch == "cnn":
+        # oneDNN's convolutions are about 20% faster on CPU in channels-last; cuDNN's with AMP too.
+        net = net.to(memory_format=torch.channels_last)
+    return net
 
 
 def _mlp_body(params: dict) -> tuple[nn.Module, int]:
@@ -44,23 +48,51 @@ def _mlp_body(params: dict) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), params["last_fc"]
 
 
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    # Batch norm makes the conv bias redundant.
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+
+
+class Residual(nn.Module):
+    """Two 3x3 conv-BN layers and a skip connection (a 1x1 projection when widths differ)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(c_in, c_out), nn.ReLU(), *_conv_bn(c_out, c_out))
+        self.skip = (
+            nn.Identity()
+            if c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
 def _cnn_body(params: dict) -> tuple[nn.Module, int]:
-    k = params["kernel_size"]
-    pool = nn.MaxPool2d if params["pooling"] == "max" else nn.AvgPool2d
-    layers: list[nn.Module] = []
-    channels, side = 1, preprocess.SIZE
-    for i in range(params["num_conv_blocks"]):
-        out = params[f"conv_channels_{i}"]
-        # Batch norm makes the conv bias redundant.
-        layers.append(nn.Conv2d(channels, out, k, padding=k // 2, bias=not params["batch_norm"]))
-        if params["batch_norm"]:
-            layers.append(nn.BatchNorm2d(out))
-        layers += [nn.ReLU(), pool(2), nn.Dropout(params[f"conv_dropout_{i}"])]
-        channels, side = out, side // 2
-    layers += [
-        nn.Flatten(),
-        nn.Linear(channels * side * side, params["last_fc"]),
-        nn.ReLU(),
-        nn.Dropout(params["fc_dropout"]),
-    ]
-    return nn.Sequential(*layers), params["last_fc"]
+    """Stem, then `stages` stages of `blocks` blocks each (width doubling, 2x2 max pooling after
+    each), global average pooling, dropout and an optional hidden layer."""
+    width = params["width"]
+    layers: list[nn.Module] = [*_conv_bn(1, width), nn.ReLU()]
+    side = preprocess.SIZE
+    if params["stem_pool"]:
+        layers.append(nn.MaxPool2d(2))
+        side //= 2
+    channels = width
+    for stage in range(params["stages"]):
+        out = width * 2**stage
+        for _ in range(params["blocks"]):
+            if params["block"] == "residual":
+                layers.append(Residual(channels, out))
+            else:
+                layers += [*_conv_bn(channels, out), nn.ReLU()]
+            channels = out
+        if side >= 4:  # stop pooling at 3x3 or smaller
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(params["dropout"])]
+    features = channels
+    if params["last_fc"]:
+        layers += [nn.Linear(channels, params["last_fc"]), nn.ReLU(), nn.Dropout(params["dropout"])]
+        features = params["last_fc"]
+    return nn.Sequential(*layers), features

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import optuna
 
+from pipeline import labels
+
 OPTIMIZERS = ("Adam", "Adadelta", "RMSprop", "SGD", "MADGRAD")
 BATCH_SIZES = (32, 64, 128, 256)
+CNN_OPTIMIZERS = ("AdamW", "SGD")
 
 
 def suggest_mlp(trial: optuna.Trial) -> dict:
@@ -20,21 +25,55 @@ def suggest_mlp(trial: optuna.Trial) -> dict:
     return params | _suggest_optimizer(trial)
 
 
-def suggest_cnn(trial: optuna.Trial) -> dict:
-    """Conv blocks (conv, optional batch norm, ReLU, pooling, dropout) then one hidden layer."""
+@dataclass(frozen=True)
+class CnnRanges:
+    """Where a cnn space may go: the GPU space is wide, the CPU one fits 2 cores in an hour."""
+
+    widths: tuple[int, ...]  # channels of the first stage; each later stage doubles them
+    stages: tuple[int, int]
+    blocks: tuple[int, int]  # blocks per stage
+    stem_pool: tuple[bool, ...]  # pool right after the stem: a quarter of the cost per layer
+
+
+CNN_RANGES = {
+    "cnn": CnnRanges(
+        widths=(32, 48, 64, 96), stages=(3, 4), blocks=(1, 3), stem_pool=(False, True)
+    ),
+    "cnn-cpu": CnnRanges(widths=(16, 24, 32), stages=(3, 3), blocks=(1, 2), stem_pool=(True,)),
+}
+
+
+def suggest_cnn(trial: optuna.Trial, ranges: CnnRanges = CNN_RANGES["cnn"]) -> dict:
+    """Conv stages of plain or residual blocks with batch norm, and the training recipe:
+    augmentation, label smoothing, weight decay, LR schedule and a loss weight per head."""
     params: dict = {
         "arch": "cnn",
-        "num_conv_blocks": trial.suggest_int("num_conv_blocks", 2, 4),
-        "kernel_size": trial.suggest_categorical("kernel_size", [3, 5]),
-        "batch_norm": trial.suggest_categorical("batch_norm", [True, False]),
-        "pooling": trial.suggest_categorical("pooling", ["max", "avg"]),
+        "width": trial.suggest_categorical("width", list(ranges.widths)),
+        "stages": trial.suggest_int("stages", *ranges.stages),
+        "blocks": trial.suggest_int("blocks", *ranges.blocks),
+        "block": trial.suggest_categorical("block", ["plain", "residual"]),
+        "stem_pool": trial.suggest_categorical("stem_pool", list(ranges.stem_pool)),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
+        "last_fc": trial.suggest_categorical("last_fc", [0, 64, 128, 256]),  # 0: no hidden layer
+        # Aligned faces: mirror images are faces, small shifts and tilts are how crops differ.
+        "flip": trial.suggest_categorical("flip", [True, False]),
+        "shift": trial.suggest_int("shift", 0, 4),  # pixels
+        "rotate": trial.suggest_float("rotate", 0.0, 15.0),  # degrees
+        "jitter": trial.suggest_float("jitter", 0.0, 0.2),  # brightness and contrast
+        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 5e-2, log=True),
+        "schedule": trial.suggest_categorical("schedule", ["onecycle", "cosine"]),
     }
-    for i in range(params["num_conv_blocks"]):
-        params[f"conv_channels_{i}"] = trial.suggest_int(f"conv_channels_{i}", 16, 128, log=True)
-        params[f"conv_dropout_{i}"] = trial.suggest_float(f"conv_dropout_{i}", 0.0, 0.5)
-    params["last_fc"] = trial.suggest_int("last_fc", 32, 256, log=True)
-    params["fc_dropout"] = trial.suggest_float("fc_dropout", 0.0, 0.5)
-    return params | _suggest_optimizer(trial)
+    if params["schedule"] == "cosine":
+        params["warmup"] = trial.suggest_float("warmup", 0.0, 0.2)  # fraction of all steps
+    for head in labels.HEADS:
+        params[f"loss_weight_{head}"] = trial.suggest_float(f"loss_weight_{head}", 0.5, 2.0)
+    return params | {
+        "optimizer": trial.suggest_categorical("optimizer", list(CNN_OPTIMIZERS)),
+        # One range for both: AdamW does well low in it, SGD with momentum high.
+        "lr": trial.suggest_float("lr", 3e-4, 1e-1, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [64, 128, 256]),
+    }
 
 
 def _suggest_optimizer(trial: optuna.Trial) -> dict:
@@ -45,7 +84,10 @@ def _suggest_optimizer(trial: optuna.Trial) -> dict:
     }
 
 
-SPACES: dict[str, Callable[[optuna.Trial], dict]] = {"mlp": suggest_mlp, "cnn": suggest_cnn}
+SPACES: dict[str, Callable[[optuna.Trial], dict]] = {
+    "mlp": suggest_mlp,
+    **{name: partial(suggest_cnn, ranges=ranges) for name, ranges in CNN_RANGES.items()},
+}
 
 
 def suggest(trial: optuna.Trial, space: str) -> dict:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import labels, preprocess
+from pipeline import augment, labels, preprocess
 from pipeline.data import FaceSet
 
 log = logging.getLogger(__name__)
@@ -97,32 +97,88 @@ def to_tensors(
     )
 
 
-def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, parameters, lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """The named optimizer, in its fused or multi-tensor form where torch has one: a small
     network's step is mostly per-parameter overhead, which these remove (about 1.4x per epoch
     for Adam on 2 CPU cores)."""
     parameters = list(parameters)
-    if name in ("Adam", "SGD"):
+    common = {"lr": lr, "weight_decay": weight_decay}
+    if name in ("Adam", "AdamW", "SGD"):
         # Plain SGD at lr <= 1e-2 barely moves in a short trial; momentum is the usual fix.
-        extra = {"momentum": 0.9} if name == "SGD" else {}
+        extra = {"momentum": 0.9, "nesterov": True} if name == "SGD" else {}
         cls = getattr(torch.optim, name)
         try:
-            return cls(parameters, lr=lr, fused=True, **extra)
+            return cls(parameters, fused=True, **common, **extra)
         except (RuntimeError, TypeError):  # no fused kernel for this device or torch version
-            return cls(parameters, lr=lr, foreach=True, **extra)
+            return cls(parameters, foreach=True, **common, **extra)
     if name in ("Adadelta", "RMSprop"):
-        return getattr(torch.optim, name)(parameters, lr=lr, foreach=True)
+        return getattr(torch.optim, name)(parameters, foreach=True, **common)
     if name == "MADGRAD":
         from madgrad import MADGRAD
 
-        return MADGRAD(parameters, lr=lr)
+        return MADGRAD(parameters, **common)
     raise ValueError(
-        f"unknown optimizer {name!r}; expected Adam, Adadelta, RMSprop, SGD or MADGRAD"
+        f"unknown optimizer {name!r}; expected Adam, AdamW, Adadelta, RMSprop, SGD or MADGRAD"
     )
 
 
-def multitask_loss(logits: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(F.cross_entropy(logits[head], y[head]) for head in labels.HEADS)
+def make_schedule(
+    optimizer: torch.optim.Optimizer, params: dict, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step learning-rate schedule of `params` (none for the mlp space): one-cycle, or
+    cosine decay after a linear warm-up."""
+    schedule = params.get("schedule")
+    if schedule is None:
+        return None
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=params["lr"], total_steps=total_steps
+        )
+    if schedule == "cosine":
+        warm = int(params.get("warmup", 0.0) * total_steps)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    raise ValueError(f"unknown schedule {schedule!r}; expected 'onecycle' or 'cosine'")
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Cross-entropy summed over heads, each with its weight, with optional label smoothing."""
+
+    weights: tuple[float, ...] = (1.0,) * len(labels.HEADS)
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_params(cls, params: dict) -> Loss:
+        return cls(
+            tuple(float(params.get(f"loss_weight_{h}", 1.0)) for h in labels.HEADS),
+            float(params.get("label_smoothing", 0.0)),
+        )
+
+    def __call__(self, logits: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(
+            w * F.cross_entropy(logits[h], y[h], label_smoothing=self.label_smoothing)
+            for w, h in zip(self.weights, labels.HEADS, strict=True)
+        )
+
+
+multitask_loss = Loss()  # the plain loss, also the validation loss of every recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training step does besides the forward and backward pass."""
+
+    loss: Loss = multitask_loss
+    policy: augment.Policy = augment.Policy()
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
 
 
 def fit(
@@ -135,14 +191,23 @@ def fit(
     on_epoch: OnEpoch | None = None,
     precision: Precision = FP32,
 ) -> list[dict[str, float]]:
-    """Train for up to `epochs`, evaluating on `val` after each; on_epoch may stop it early."""
-    optimizer = make_optimizer(params["optimizer"], model.parameters(), params["lr"])
-    scaler = precision.scaler(train.x.device)
+    """Train for up to `epochs` with the recipe in `params`, evaluating on `val` after each
+    epoch; on_epoch may stop it early."""
+    optimizer = make_optimizer(
+        params["optimizer"], model.parameters(), params["lr"], params.get("weight_decay", 0.0)
+    )
+    steps = epochs * math.ceil(len(train) / params["batch_size"])
+    recipe = Recipe(
+        Loss.from_params(params),
+        augment.Policy.from_params(params),
+        precision.scaler(train.x.device),
+    )
+    schedule = make_schedule(optimizer, params, steps)
     shuffle = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(epochs):
         train_loss = train_epoch(
-            model, optimizer, train, params["batch_size"], shuffle, precision, scaler
+            model, optimizer, train, params["batch_size"], shuffle, precision, recipe, schedule
         )
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
@@ -160,22 +225,26 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     precision: Precision = FP32,
-    scaler: torch.amp.GradScaler | None = None,
+    recipe: Recipe = Recipe(),
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
-    """One pass in shuffled mini-batches; returns the mean training loss."""
+    """One pass in shuffled mini-batches (augmented, stepping the schedule); the mean loss."""
     device = data.x.device
-    scaler = scaler or precision.scaler(device)
+    scaler = recipe.scaler or precision.scaler(device)
     model.train()
     order = torch.randperm(len(data), generator=generator).to(device)
     total = torch.zeros((), device=device)
     for start in range(0, len(data), batch_size):
         rows = order[start : start + batch_size]
+        x = augment.augment(data.x[rows], recipe.policy)
         with precision.autocast(device):
-            loss = multitask_loss(model(data.x[rows]), {h: y[rows] for h, y in data.y.items()})
+            loss = recipe.loss(model(x), {h: y[rows] for h, y in data.y.items()})
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # a pass-through unless fp16
         scaler.step(optimizer)
         scaler.update()
+        if schedule is not None:
+            schedule.step()
         # Summed on the device: a .item() per batch would force a sync on GPUs.
         total += loss.detach().float() * len(rows)
     return total.item() / len(data)

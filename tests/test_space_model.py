@@ -1,42 +1,57 @@
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
 import torch
 
-from pipeline import labels, model, samplers, space
+from pipeline import labels, model, samplers, space, train
 from pipeline.samplers import PROPOSAL_ATTR
 
 CLASSES = labels.num_classes((0, 3, 18, 45, 64, 116))
 
 
-def extreme_params(arch: str, high: bool) -> dict:
+def extreme_params(name: str, high: bool) -> dict:
     """Every parameter of a space at its low or high end, through the space's own suggest()."""
-    if arch == "mlp":
+    if name == "mlp":
         n = 8 if high else 4
         fixed = {"num_fc_layers": n, "last_fc": 64 if high else 8}
         fixed |= {f"fc_output_feat_{i}": 64 if high else 8 for i in range(n)}
         fixed |= {f"fc_dropout_{i}": 0.5 if high else 0.0 for i in range(n)}
-    else:
-        n = 4 if high else 2
-        fixed = {
-            "num_conv_blocks": n,
-            "kernel_size": 5 if high else 3,
-            "batch_norm": high,
-            "pooling": "max" if high else "avg",
-            "last_fc": 256 if high else 32,
-            "fc_dropout": 0.5 if high else 0.0,
-        }
-        fixed |= {f"conv_channels_{i}": 128 if high else 16 for i in range(n)}
-        fixed |= {f"conv_dropout_{i}": 0.5 if high else 0.0 for i in range(n)}
-    fixed |= {"optimizer": "SGD", "lr": 1e-2 if high else 1e-4, "batch_size": 256 if high else 32}
-    return space.suggest(optuna.trial.FixedTrial(fixed), arch)
+        fixed |= {"optimizer": "SGD", "lr": 1e-2 if high else 1e-4}
+        return space.suggest(
+            optuna.trial.FixedTrial(fixed | {"batch_size": 256 if high else 32}), name
+        )
+    ranges = space.CNN_RANGES[name]
+    end = max if high else min
+    fixed = {
+        "width": end(ranges.widths),
+        "stages": end(ranges.stages),
+        "blocks": end(ranges.blocks),
+        "block": "residual" if high else "plain",
+        "stem_pool": ranges.stem_pool[0] if high else ranges.stem_pool[-1],  # (False, True)
+        "dropout": 0.5 if high else 0.0,
+        "last_fc": 256 if high else 0,
+        "flip": high,
+        "shift": 4 if high else 0,
+        "rotate": 15.0 if high else 0.0,
+        "jitter": 0.2 if high else 0.0,
+        "label_smoothing": 0.2 if high else 0.0,
+        "weight_decay": 5e-2 if high else 1e-5,
+        "schedule": "cosine" if high else "onecycle",
+        "warmup": 0.2,
+        "optimizer": "SGD" if high else "AdamW",
+        "lr": 1e-1 if high else 3e-4,
+        "batch_size": 256 if high else 64,
+    } | {f"loss_weight_{h}": 2.0 if high else 0.5 for h in ("age", "ethnicity", "gender")}
+    return space.suggest(optuna.trial.FixedTrial(fixed), name)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "cnn-cpu"])
 @pytest.mark.parametrize("high", [False, True])
-def test_model_builds_and_runs_at_the_extremes(arch: str, high: bool) -> None:
-    params = extreme_params(arch, high)
+def test_model_builds_and_trains_at_the_extremes(name: str, high: bool) -> None:
+    params = extreme_params(name, high)
     net = model.build(params, CLASSES)
     out = net(torch.rand(3, 1, 48, 48))
     assert {h: tuple(t.shape) for h, t in out.items()} == {
@@ -45,6 +60,11 @@ def test_model_builds_and_runs_at_the_extremes(arch: str, high: bool) -> None:
         "gender": (3, 2),
     }
     out["age"].sum().backward()  # gradients flow through the whole body
+    # And the whole recipe (augmentation, schedule, weighted smoothed loss) runs a step.
+    x = torch.randn(4, 1, 48, 48)
+    data = train.Tensors(x, {h: torch.zeros(4, dtype=torch.long) for h in out})
+    history = train.fit(net, params | {"batch_size": 2}, data, data, epochs=1, seed=0)
+    assert math.isfinite(history[0]["train_loss"])
 
 
 def test_unknown_space_and_arch_are_named() -> None:
