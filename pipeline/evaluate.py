@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, f1_score
 
-from pipeline import labels
+from pipeline import calibrate, labels
 
 GROUPS = ("ethnicity", "gender", "age")
 
@@ -88,6 +88,13 @@ def model_card(info: dict, metrics: dict, table: pd.DataFrame) -> str:
         for h in labels.HEADS
     )
     params = "\n".join(f"- `{k}`: {v}" for k, v in info["params"].items())
+    cal = info["calibration"]
+    calibration_lines = "\n".join(
+        f"| {h} | {cal[f'temperature_{h}']:.3f} | {cal[f'test_{h}_ece_before']:.4f} | "
+        f"{cal[f'test_{h}_ece_after']:.4f} | {cal[f'test_{h}_nll_before']:.4f} | "
+        f"{cal[f'test_{h}_nll_after']:.4f} |"
+        for h in labels.HEADS
+    )
     return f"""# faceopt model card: {info["model_name"]}
 
 Multi-task classifier of 48x48 grayscale faces: age bracket ({", ".join(info["brackets"])}),
@@ -108,6 +115,14 @@ ethnicity (White, Black, Asian, Indian, Other) and gender (male, female).
 | head | accuracy | macro-F1 |
 | --- | --- | --- |
 {metric_lines}
+
+## Calibration (test split)
+Probabilities are softmax(logits / T) with one temperature T per head, fitted on the validation
+split; expected calibration error ({calibrate.ECE_BINS} bins) before and after:
+
+| head | T | ECE before | ECE after | NLL before | NLL after |
+| --- | --- | --- | --- | --- | --- |
+{calibration_lines}
 
 ## Accuracy by group (test split)
 {markdown_table(table)}

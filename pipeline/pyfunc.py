@@ -15,11 +15,15 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from pipeline import labels, model, preprocess
 
 
-def metadata(params: dict, edges: tuple[int, ...]) -> dict:
-    """Everything serving needs to rebuild the network and reproduce preprocessing and labels."""
+def metadata(
+    params: dict, edges: tuple[int, ...], temperatures: dict[str, float] | None = None
+) -> dict:
+    """Everything serving needs to rebuild the network and reproduce preprocessing, labels and
+    calibrated probabilities (softmax of logits / temperature, per head)."""
     return {
         "params": params,
         "age_edges": list(edges),
+        "temperatures": {head: 1.0 for head in labels.HEADS} | (temperatures or {}),
         "classes": {head: list(names) for head, names in labels.class_names(edges).items()},
         "input": {
             "size": preprocess.SIZE,
@@ -55,7 +59,12 @@ class FaceModel(PythonModel):
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = preprocess.to_model_input(np.asarray(images, dtype=np.uint8))
         logits = self.net(x)
-        return {head: torch.softmax(logits[head].float(), dim=1).numpy() for head in labels.HEADS}
+        # Models from before calibration have no temperatures: plain softmax.
+        temperatures = self.meta.get("temperatures", {})
+        return {
+            head: torch.softmax(logits[head].float() / temperatures.get(head, 1.0), dim=1).numpy()
+            for head in labels.HEADS
+        }
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = np.asarray(model_input)

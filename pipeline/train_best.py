@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
-from pipeline import data, evaluate, labels, model, pyfunc, space, tracking, train
+from pipeline import calibrate, data, evaluate, labels, model, pyfunc, space, tracking, train
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,16 @@ def fit_best(
     return net, history, best["epoch"]
 
 
-def test_predictions(net, test: train.Tensors, precision) -> tuple[dict, dict]:
+def calibrate_and_test(
+    net, val: train.Tensors, test: train.Tensors, precision
+) -> tuple[dict[str, float], dict, dict, dict[str, float]]:
+    """Temperatures fitted on validation; test predictions and calibration with and without them."""
+    val_logits = train.predict_logits(net, val.x, precision)
+    temperatures = {h: calibrate.fit_temperature(val_logits[h], val.y[h]) for h in labels.HEADS}
     logits = train.predict_logits(net, test.x, precision)
     pred = {head: logits[head].argmax(1).cpu().numpy() for head in labels.HEADS}
     truth = {head: y.cpu().numpy() for head, y in test.y.items()}
-    return pred, truth
+    return temperatures, pred, truth, calibrate.report(logits, test.y, temperatures)
 
 
 def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: dict) -> dict:
@@ -142,9 +147,9 @@ def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: d
 
 
 def log_and_register(
-    net, params: dict, edges, name: str
+    net, params: dict, edges, temperatures: dict[str, float], name: str
 ) -> mlflow.entities.model_registry.ModelVersion:
-    """Log the pyfunc (weights, params, labels, preprocessing) and register a new version."""
+    """Log the pyfunc (weights, params, labels, temperatures, preprocessing) and register it."""
     import pipeline
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -152,7 +157,7 @@ def log_and_register(
         warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
         weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "meta.json"
         torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
-        meta.write_text(json.dumps(pyfunc.metadata(params, edges), indent=2))
+        meta.write_text(json.dumps(pyfunc.metadata(params, edges, temperatures), indent=2))
         info = mlflow.pyfunc.log_model(
             name="model",
             # Models from code: the class is loaded from source, not unpickled.
@@ -263,7 +268,10 @@ def run(settings: Settings, promote: bool = False) -> dict:
         net, history, best_epoch = fit_best(
             params, sets, settings, metric, labels.num_classes(edges), precision
         )
-        pred, truth = test_predictions(net, sets["test"], precision)
+        temperatures, pred, truth, calibration = calibrate_and_test(
+            net, sets["val"], sets["test"], precision
+        )
+        mlflow.log_metrics(calibration)
         card = {
             "model_name": settings.model_name,
             "brackets": labels.bracket_names(edges),
@@ -280,10 +288,11 @@ def run(settings: Settings, promote: bool = False) -> dict:
             "device": device,
             "precision": precision.name,
             "params": params,
+            "calibration": calibration,
         }
         metrics = log_evaluation(pred, truth, edges, card)
         mlflow.log_metrics({"best_epoch": best_epoch, "wall_s": time.time() - started})
-        version = log_and_register(net, params, edges, settings.model_name)
+        version = log_and_register(net, params, edges, temperatures, settings.model_name)
         key = f"test_{metric}_acc"
         for tag, value in {
             **metrics,
@@ -308,4 +317,5 @@ def run(settings: Settings, promote: bool = False) -> dict:
         "precision": precision.name,
         "wall_s": time.time() - started,
         **metrics,
+        **calibration,
     }
