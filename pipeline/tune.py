@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import platform
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +28,35 @@ log = logging.getLogger(__name__)
 # trials stay comparable and train-best rebuilds exactly the split the study selected on.
 STUDY_ATTRS = ("data_fingerprint", "split_digest", "space", "metric", "age_edges")
 LIBRARIES = ("torch", "optuna", "mlflow", "numpy", "scikit-optimize", "madgrad", "faceopt")
+
+
+# Set by Ctrl-C. Python drops an exception raised inside a finaliser or GC callback ("Exception
+# ignored in ..."), and a SIGINT can land there; the flag lets the next epoch stop the trial anyway.
+INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum: int, frame) -> None:
+    INTERRUPTED.set()
+    signal.default_int_handler(signum, frame)
+
+
+@contextlib.contextmanager
+def catch_sigint():
+    """Record Ctrl-C in INTERRUPTED while trials run (signal handlers live in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_if_interrupted() -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 class StudyMismatch(ValueError):
@@ -90,6 +122,7 @@ def make_objective(
     def objective(trial: optuna.Trial) -> float:
         run_id = logger.start(trial)
         try:
+            stop_if_interrupted()
             params = space.suggest(trial, settings.space)
             logger.log_params(run_id, params)
             seed = settings.seed + trial.number
@@ -97,6 +130,7 @@ def make_objective(
             net = model.build(params, classes).to(device)
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                stop_if_interrupted()
                 logger.log_epoch(run_id, epoch, metrics)
                 trial.report(metrics[key], epoch)
                 if trial.should_prune():
@@ -220,7 +254,8 @@ def run_worker(
     objective = make_objective(settings, train_set, val_set, logger, precision)
     status = "FAILED"
     try:
-        _optimize(study, objective, logger, settings, until, progress)
+        with catch_sigint():
+            _optimize(study, objective, logger, settings, until, progress)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
