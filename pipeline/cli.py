@@ -22,6 +22,11 @@ KAGGLE_DATASET = "nipunarora8/age-gender-and-ethnicity-face-data-csv"
 
 # flag -> settings field, for the flags every study command shares
 COMMON = {
+    "--preset": (
+        "preset",
+        str,
+        "cpu or gpu: the cnn space with budgets for 2 CPU cores or one GPU",
+    ),
     "--data": ("data", str, "age_gender.csv(.gz) or a UTKFace folder"),
     "--study": ("study", str, "study name (also the MLflow experiment)"),
     "--storage": ("storage", str, "Optuna storage URL (default sqlite:///optuna.db)"),
@@ -32,7 +37,7 @@ TUNE = {
     "--n-trials": ("n_trials", int, "trials to add to the study"),
     "--timeout": ("timeout", float, "stop starting trials after this many seconds"),
     "--epochs": ("epochs", int, "epochs per trial"),
-    "--space": ("space", str, "search space: mlp or cnn"),
+    "--space": ("space", str, "search space: mlp, cnn (full) or cnn-cpu"),
     "--metric": ("metric", str, "validation accuracy to maximise: age, ethnicity, gender, mean"),
     "--sampler": ("sampler", str, "tpe, random, skopt, gp, cmaes or qmc"),
     "--sampler-args": (

@@ -5,13 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Metric = Literal["age", "ethnicity", "gender", "mean"]
 SamplerName = Literal["tpe", "random", "skopt", "gp", "cmaes", "qmc"]
 PrunerName = Literal["median", "hyperband", "successive-halving", "percentile", "none"]
-SpaceName = Literal["mlp", "cnn"]
+SpaceName = Literal["mlp", "cnn", "cnn-cpu"]
+PresetName = Literal["cpu", "gpu"]
+
+# Defaults a preset brings; anything set explicitly (flag or environment) still wins.
+PRESETS: dict[str, dict] = {
+    # 2 CPU cores: about an hour of tuning (cheap cnn space, 6-epoch trials, Hyperband), then
+    # train-best in under 30 minutes.
+    "cpu": {
+        "study": "faceopt-cpu",
+        "space": "cnn-cpu",
+        "metric": "mean",
+        "epochs": 6,
+        "pruner": "hyperband",
+        "n_trials": 1000,
+        "timeout": 3600,
+        "train_epochs": 20,
+        "patience": 6,
+    },
+    # One GPU: the full cnn space and longer training.
+    "gpu": {
+        "study": "faceopt-gpu",
+        "space": "cnn",
+        "metric": "mean",
+        "epochs": 20,
+        "pruner": "hyperband",
+        "n_trials": 150,
+        "train_epochs": 80,
+        "patience": 15,
+    },
+}
 
 
 class Settings(BaseSettings):
@@ -19,6 +48,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FACEOPT_", extra="ignore", populate_by_name=True)
 
+    preset: PresetName | None = None  # cpu or gpu: see PRESETS
     data: Path = Path("data/age_gender.csv")
     cache_dir: Path = Path(".cache/faceopt")
     skip_bad_rows: bool = False
@@ -70,6 +100,16 @@ class Settings(BaseSettings):
     @property
     def split_seed_or_seed(self) -> int:
         return self.seed if self.split_seed is None else self.split_seed
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values: object) -> object:
+        if isinstance(values, dict) and values.get("preset"):
+            name = values["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+            return PRESETS[name] | values
+        return values
 
     @field_validator("workers", mode="before")
     @classmethod
