@@ -12,7 +12,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from pipeline import labels, model, preprocess
+from pipeline import calibrate, labels, model, preprocess
 
 
 def metadata(
@@ -62,7 +62,7 @@ class FaceModel(PythonModel):
         # Models from before calibration have no temperatures: plain softmax.
         temperatures = self.meta.get("temperatures", {})
         return {
-            head: torch.softmax(logits[head].float() / temperatures.get(head, 1.0), dim=1).numpy()
+            head: calibrate.scaled_probabilities(logits[head], temperatures.get(head, 1.0))
             for head in labels.HEADS
         }
 
