@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline import preprocess
 
@@ -96,3 +99,20 @@ def _cnn_body(params: dict) -> tuple[nn.Module, int]:
         layers += [nn.Linear(channels, params["last_fc"]), nn.ReLU(), nn.Dropout(params["dropout"])]
         features = params["last_fc"]
     return nn.Sequential(*layers), features
+
+
+def fold_batch_norm(net: nn.Module) -> nn.Module:
+    """For inference: every conv directly followed by batch norm becomes one conv with the norm's
+    scale and shift folded into its weights (the same outputs, one op fewer). `net` must be in
+    eval mode; it is changed in place and returned."""
+    if net.training:
+        raise ValueError("fold_batch_norm needs a network in eval mode (running statistics)")
+    for module in net.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module._modules.items())
+        for (conv_name, conv), (bn_name, bn) in pairwise(children):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
+                module._modules[bn_name] = nn.Identity()
+    return net

@@ -53,7 +53,7 @@ class FaceModel(PythonModel):
         self.net = model.build(self.meta["params"], classes)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
-        self.net.eval()
+        self.net = model.fold_batch_norm(self.net.eval())
 
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -10,9 +10,13 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from bench.serve import in_a_photo
 from pipeline import train_best
 from pipeline.config import Settings
 from serving.app import create_app
+from tests.conftest import REAL_DATA
+
+SAMPLES = REAL_DATA / "utkface_sample"
 
 
 def image_bytes(fmt: str = "JPEG", size=(200, 200), frames: int = 1) -> bytes:
@@ -87,6 +91,31 @@ def test_no_face_uses_the_centre_square(client: TestClient) -> None:
     ]
     assert p["face_detected"] is False and p["face_box"] is None
     assert p["crop"] == {"x": 50, "y": 0, "width": 200, "height": 200}
+
+
+def test_faces_in_photos_are_cropped_like_utkface(registered: Settings) -> None:
+    """A face crop put into a larger photo is found and cropped back to about where it was put;
+    faces under min_face of the shorter side are found only when min_face is lowered."""
+    if not SAMPLES.is_dir():
+        pytest.skip(f"no UTKFace sample at {SAMPLES} (it comes with ../shared/data)")
+    faces = sorted(SAMPLES.glob("*.jpg"))[:8]
+    results = {}
+    for min_face in (0.3, 0.12):
+        with TestClient(create_app(registered.model_copy(update={"min_face": min_face}))) as c:
+            for scale in (2.0, 5.5):  # the face is 50% and 18% of the photo
+                files = [upload(f.name, in_a_photo(f.read_bytes(), scale)) for f in faces]
+                r = c.post("/predict", files=files)
+                assert r.status_code == 200, r.text
+                results[min_face, scale] = r.json()["predictions"]
+    for key in [(0.3, 2.0), (0.12, 2.0), (0.12, 5.5)]:
+        found = [p for p in results[key] if p["face_detected"]]
+        assert len(found) >= 6, key  # the cascade misses the odd face in any setting
+        at = 100 * (key[1] - 1)  # where the 200x200 face was put, in both x and y
+        for p in found:
+            crop = p["crop"]
+            assert abs(crop["x"] - at) <= 30 and abs(crop["y"] - at) <= 30, (key, crop)
+            assert abs(crop["width"] - 200) <= 40, (key, crop)
+    assert not any(p["face_detected"] for p in results[0.3, 5.5])
 
 
 def test_bad_uploads_get_4xx_json_and_the_service_stays_up(registered: Settings) -> None:

@@ -67,6 +67,31 @@ def test_model_builds_and_trains_at_the_extremes(name: str, high: bool) -> None:
     assert math.isfinite(history[0]["train_loss"])
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn", "cnn-cpu"])
+@pytest.mark.parametrize("high", [False, True])
+def test_folding_batch_norm_keeps_the_outputs(name: str, high: bool) -> None:
+    torch.manual_seed(0)
+    net = model.build(extreme_params(name, high), CLASSES)
+    for _ in range(3):  # running statistics and affine weights far from their initial values
+        net(torch.rand(8, 1, 48, 48) * 3 + 1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    net.eval()
+    x = torch.rand(5, 1, 48, 48)
+    with torch.inference_mode():
+        before = net(x)
+        folded = model.fold_batch_norm(net)
+        after = folded(x)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert norms == 0
+    for head, logits in before.items():
+        torch.testing.assert_close(after[head], logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="eval mode"):
+        model.fold_batch_norm(model.build(extreme_params(name, high), CLASSES))
+
+
 def test_unknown_space_and_arch_are_named() -> None:
     with pytest.raises(ValueError, match="unknown search space 'rnn'"):
         space.suggest(optuna.trial.FixedTrial({}), "rnn")
