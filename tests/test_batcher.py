@@ -60,68 +60,54 @@ def expect_same(results: list, jobs: list, champion) -> None:
             np.testing.assert_allclose(result[head], p, rtol=1e-4, atol=1e-6)
 
 
-def test_requests_queued_behind_a_pass_share_the_next_one(champion) -> None:
-    async def scenario():
-        batcher = Batcher(max_images=64)
-        await batcher.start()
-        gate = Gated(champion)
-        jobs = [(gate, faces(n, seed)) for seed, n in enumerate([2, 1, 3, 1, 4, 2])]
-        results = await held_then_queued(batcher, jobs[0], jobs[1:])
-        alone = await batcher.probabilities(gate, faces(1, 99))  # light load: runs at once
-        await batcher.stop()
-        return gate.passes, results, jobs, alone
+def run_batched(max_images: int, jobs: list, after: tuple | None = None) -> tuple[list, dict]:
+    """`jobs` through a fresh batcher (the first held until the rest queue behind it), then
+    `after` on its own; the results of each."""
 
-    passes, results, jobs, alone = asyncio.run(scenario())
-    assert passes == [2, 1 + 3 + 1 + 4 + 2, 1]
+    async def scenario():
+        batcher = Batcher(max_images)
+        await batcher.start()
+        try:
+            results = await held_then_queued(batcher, jobs[0], jobs[1:])
+            alone = await batcher.probabilities(*after) if after else None
+        finally:
+            await batcher.stop()
+        return results, alone
+
+    return asyncio.run(scenario())
+
+
+def test_requests_queued_behind_a_pass_share_the_next_one(champion) -> None:
+    gate = Gated(champion)
+    jobs = [(gate, faces(n, seed)) for seed, n in enumerate([2, 1, 3, 1, 4, 2])]
+    results, alone = run_batched(64, jobs, after=(gate, faces(1, 99)))
+    assert gate.passes == [2, 1 + 3 + 1 + 4 + 2, 1]  # the last, at light load, ran at once
     expect_same(results, jobs, champion)
     assert alone["age"].shape[0] == 1
 
 
 def test_batches_stop_at_max_images_and_keep_order(champion) -> None:
-    async def scenario():
-        batcher = Batcher(max_images=4)
-        await batcher.start()
-        gate = Gated(champion)
-        jobs = [(gate, faces(n, seed)) for seed, n in enumerate([1, 3, 1, 2, 6, 1])]
-        results = await held_then_queued(batcher, jobs[0], jobs[1:])
-        await batcher.stop()
-        return gate.passes, results, jobs
-
-    passes, results, jobs = asyncio.run(scenario())
+    gate = Gated(champion)
+    jobs = [(gate, faces(n, seed)) for seed, n in enumerate([1, 3, 1, 2, 6, 1])]
+    results, _ = run_batched(4, jobs)
     # 3+1 fill a batch of 4; 2 then 6 would not fit; 6 alone is over the limit and runs alone.
-    assert passes == [1, 4, 2, 6, 1]
+    assert gate.passes == [1, 4, 2, 6, 1]
     expect_same(results, jobs, champion)
 
 
 def test_each_request_keeps_its_own_model(champion) -> None:
     """After a reload, requests still holding the old model are not run by the new one."""
-
-    async def scenario():
-        batcher = Batcher(max_images=64)
-        await batcher.start()
-        old, new = Gated(champion), Gated(champion)
-        jobs = [(old, faces(1, 0)), (new, faces(2, 1)), (old, faces(3, 2)), (new, faces(1, 3))]
-        results = await held_then_queued(batcher, jobs[0], jobs[1:])
-        await batcher.stop()
-        return old.passes, new.passes, results, jobs
-
-    old_passes, new_passes, results, jobs = asyncio.run(scenario())
-    assert old_passes == [1, 3] and new_passes == [2 + 1]
+    old, new = Gated(champion), Gated(champion)
+    jobs = [(old, faces(1, 0)), (new, faces(2, 1)), (old, faces(3, 2)), (new, faces(1, 3))]
+    results, _ = run_batched(64, jobs)
+    assert old.passes == [1, 3] and new.passes == [2 + 1]
     expect_same(results, jobs, champion)
 
 
 def test_a_failed_pass_fails_its_requests_only(champion) -> None:
-    async def scenario():
-        batcher = Batcher(max_images=64)
-        await batcher.start()
-        gate = Gated(champion, fail_on=2)
-        jobs = [(gate, faces(n, seed)) for seed, n in enumerate([1, 2, 2])]
-        results = await held_then_queued(batcher, jobs[0], jobs[1:])
-        after = await batcher.probabilities(gate, faces(2, 7))
-        await batcher.stop()
-        return results, after
-
-    results, after = asyncio.run(scenario())
+    gate = Gated(champion, fail_on=2)
+    jobs = [(gate, faces(n, seed)) for seed, n in enumerate([1, 2, 2])]
+    results, after = run_batched(64, jobs, after=(gate, faces(2, 7)))
     assert isinstance(results[0], dict)
     assert all(isinstance(r, RuntimeError) and "forward failed" in str(r) for r in results[1:])
     assert after["gender"].shape == (2, 2)
