@@ -31,7 +31,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Few threads per request batch: more only fight each other (and uvicorn) for the cores.
         # One torch thread: concurrent requests already keep the cores busy (preprocessing threads
         # beside the forward pass), and intra-op threads at these batch sizes cost more in
         # hand-offs than they gain (measured: 285 vs 250 requests/s at concurrency 8, 2 cores).
