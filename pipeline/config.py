@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     # The smallest face looked for, as a fraction of the photo's shorter side: lower finds smaller
     # faces (group photos) at a steep cost per image (0.15: about 5x the time of 0.3).
     min_face: float = Field(0.3, gt=0, le=1)
-    max_batch: int = Field(64, ge=1)  # most faces per forward pass when requests are batched
+    max_batch: int = Field(64, ge=1)  # most faces per pass shared by several requests
     reload_token: str | None = None  # when set, POST /reload needs "Authorization: Bearer <token>"
     torch_threads: int | None = None  # torch threads; serving default 1, tuning workers share
 
