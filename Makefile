@@ -64,8 +64,9 @@ train-best: setup ## retrain the best trial, evaluate on the test split, registe
 	$(FACEOPT) train-best $(STUDY_FLAGS) $(call flag,EPOCHS,epochs) $(call flag,PATIENCE,patience) \
 		$(call flag,MODEL_NAME,model-name) $(if $(PROMOTE),--promote)
 
-serve: setup ## start the prediction service on the champion (HOST, PORT; POST /predict, page at /)
-	$(FACEOPT) serve $(call flag,HOST,host) $(call flag,PORT,port) $(call flag,MODEL_NAME,model-name)
+serve: setup ## start the prediction service on the champion (HOST, PORT, WORKERS; POST /predict, page at /)
+	$(FACEOPT) serve $(call flag,HOST,host) $(call flag,PORT,port) $(call flag,MODEL_NAME,model-name) \
+		$(call flag,WORKERS,workers)
 
 ui: setup ## open the MLflow UI on the tracking store (HOST, PORT)
 	$(FACEOPT) ui --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)

@@ -142,10 +142,22 @@ def cmd_train_best(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serving.app import create_app
+    from serving.app import SETTINGS_ENV, create_app
 
     settings = _settings(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    if settings.serve_workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        return 0
+    # Several processes: uvicorn imports the app in each, so the settings travel by environment.
+    os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude_none=True)
+    uvicorn.run(
+        "serving.app:app_from_env",
+        factory=True,
+        workers=settings.serve_workers,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+    )
     return 0
 
 
@@ -298,6 +310,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", dest="model_name")
     serve.add_argument("--host", dest="host")
     serve.add_argument("--port", dest="port", type=int)
+    serve.add_argument(
+        "--workers", dest="serve_workers", type=int, help="server processes (default 1)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     server = sub.add_parser("mlflow-server", help="MLflow tracking server on PostgreSQL")

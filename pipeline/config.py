@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # serving
     host: str = "127.0.0.1"
     port: int = 8000
+    # uvicorn worker processes, each with its own copy of the model and its own batching: one
+    # process's event loop (HTTP, multipart, JSON) holds the GIL, so more cores need more processes.
+    serve_workers: int = Field(1, ge=1)
     alias: str = "champion"  # the registry alias the service loads
     max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)
     max_files: int = Field(16, ge=1)

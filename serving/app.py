@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +25,8 @@ from serving.store import Loaded, ModelStore, NoModel
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+# `faceopt serve --workers N` hands its settings to uvicorn's worker processes through this variable.
+SETTINGS_ENV = "FACEOPT_SERVE_SETTINGS"
 ERRORS = {code: {"model": schemas.ErrorResponse} for code in (401, 413, 415, 422, 503)}
 
 
@@ -56,6 +60,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     _routes(app)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app in each of uvicorn's worker processes, with the settings `faceopt serve` passed on."""
+    return create_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
 
 
 # Dependencies and light routes are `async def`: FastAPI runs a plain `def` in the thread pool,

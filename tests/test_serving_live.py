@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from pipeline.config import Settings
 from tests.conftest import REAL_DATA
@@ -26,21 +29,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(registered: Settings, tmp_path_factory):
+@contextmanager
+def running_server(registered: Settings, log: Path, *flags: str):
+    """`faceopt serve` as a real process on the test registry; its URL once /ready says 200."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "uvicorn.log"
-    env = os.environ | {
-        "MLFLOW_TRACKING_URI": registered.tracking_uri,
-        "FACEOPT_MODEL_NAME": "faces",
-    }
+    env = os.environ | {"MLFLOW_TRACKING_URI": registered.tracking_uri}
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), *flags]
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -53,10 +49,40 @@ def server(registered: Settings, tmp_path_factory):
             time.sleep(0.5)
         else:
             pytest.fail(f"server not ready in 60 s: {log.read_text()[-3000:]}")
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(registered: Settings, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "uvicorn.log"
+    with running_server(registered, log, "--model-name", "faces") as (url, _):
+        yield url
+
+
+def test_several_worker_processes_serve_the_champion(registered: Settings, tmp_path) -> None:
+    """--workers 2: two processes, each loaded with the champion the flags named."""
+    face = io.BytesIO()
+    Image.new("RGB", (120, 120), (90, 90, 90)).save(face, format="JPEG")
+    with running_server(
+        registered, tmp_path / "log", "--model-name", "faces", "--workers", "2"
+    ) as (
+        url,
+        proc,
+    ):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [
+            pid
+            for pid in children
+            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        ]
+        assert len(workers) == 2, children
+        for _ in range(8):  # whichever process takes each connection answers the same way
+            r = httpx.post(f"{url}/predict", files=[("files", ("f.jpg", face.getvalue()))])
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == {"name": "faces", "version": "1", "alias": "champion"}
 
 
 @pytest.mark.slow
