@@ -83,36 +83,35 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
 
 
-async def load(url: str, request: httpx.Request, concurrency: int, requests: int) -> dict:
+async def load(request: httpx.Request, concurrency: int, requests: int) -> dict:
     """`requests` requests over `concurrency` keep-alive connections; latency of each and the
     throughput of all. Like wrk, the generator sends pre-encoded bytes and only reads responses,
     so it takes little of the cores it shares with the server (httpx took 2-3 ms a request)."""
-    host, port = httpx.URL(url).host, httpx.URL(url).port
     raw = raw_request(request)
     latencies: list[float] = []
     counter = iter(range(requests))
 
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            if (status := await _exchange(reader, writer, raw)) != 200:  # warm-up
-                raise RuntimeError(f"{request.url} answered {status}")
-            await ready.wait()
-            for _ in counter:
-                start = time.perf_counter()
-                if (status := await _exchange(reader, writer, raw)) != 200:
-                    raise RuntimeError(f"{request.url} answered {status}")
-                latencies.append(time.perf_counter() - start)
-        finally:
-            writer.close()
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(request.url.host, request.url.port)
+        if (status := await _exchange(reader, writer, raw)) != 200:  # warm-up, not timed
+            raise RuntimeError(f"{request.url}: warm-up request answered {status}")
+        return reader, writer
 
-    ready = asyncio.Event()
-    workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-    await asyncio.sleep(0.5)  # every connection open and warm
-    start = time.perf_counter()
-    ready.set()
-    await asyncio.gather(*workers)
-    wall = time.perf_counter() - start
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in counter:
+            start = time.perf_counter()
+            if (status := await _exchange(reader, writer, raw)) != 200:
+                raise RuntimeError(f"{request.url} answered {status}")
+            latencies.append(time.perf_counter() - start)
+
+    connections = await asyncio.gather(*(connect() for _ in range(concurrency)))
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(*c) for c in connections))
+        wall = time.perf_counter() - start
+    finally:
+        for _, writer in connections:
+            writer.close()
     latencies.sort()
     return {
         "rps": len(latencies) / wall,
@@ -220,7 +219,7 @@ def main() -> None:
 
     def measure(name: str, request: httpx.Request) -> None:
         for c in levels:
-            rows.append((name, c, asyncio.run(load(str(request.url), request, c, args.requests))))
+            rows.append((name, c, asyncio.run(load(request, c, args.requests))))
 
     ours_cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(ours)]
     with process(ours_cmd, f"http://127.0.0.1:{ours}/ready", env, tmp / "ours.log"):
