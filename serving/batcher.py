@@ -1,7 +1,8 @@
 """Dynamic batching: the faces of every request waiting at once go through the network together.
 
-One forward pass of N faces costs far less than N passes of one (the convolutions vectorise over
-the batch, and the per-call overhead is paid once). The batcher adds no waiting: a request that
+One forward pass of N faces costs less than N passes of one (the per-call overhead is paid once;
+on 2 CPU cores the cnn-cpu champion takes ~1.6 ms a face at batch 8 against 2.3 ms alone, and a
+GPU gains far more). The batcher adds no waiting: a request that
 finds the network idle runs at once, alone; requests that arrive while a pass is running queue up
 and all go in the next one. Under load the batches grow by themselves, at light load nothing waits.
 """
@@ -33,7 +34,7 @@ class Batcher:
     def __init__(self, max_images: int) -> None:
         self.max_images = max_images
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        # One thread runs the network: passes never overlap, so each gets all of torch's threads.
+        # One thread runs the network: passes never overlap or compete for torch's threads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
         self._held: _Job | None = None  # taken from the queue but did not fit the last batch
