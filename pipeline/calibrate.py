@@ -26,9 +26,8 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor, steps: int = 100) -> 
         return loss
 
     optimizer.step(closure)
-    return float(
-        log_t.detach().exp().clamp(0.05, 20.0)
-    )  # a guard against degenerate validation sets
+    # Clamped: a guard against degenerate validation sets (all right, or all one class).
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def nll(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> float:
