@@ -52,28 +52,51 @@ class FaceSet:
         return len(self.images)
 
 
+# Part of every split digest: a study made with an earlier way of splitting is refused, not mixed.
+SPLIT_VERSION = "groups-v2"
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Byte-identical images: how many groups of copies, and how many disagree on a label."""
+
+    groups: int
+    rows: int
+    conflicting_groups: int
+    conflicting_rows: int
+    dropped: bool  # the conflicting rows were left out of every part
+
+
 @dataclass(frozen=True)
 class Split:
-    """Row indices of a seeded, stratified train / validation / test split."""
+    """Row indices of a seeded, stratified train / validation / test split; copies of one image
+    are always on the same side."""
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
     seed: int
+    duplicates: Duplicates
 
     def digest(self) -> str:
-        h = hashlib.sha256()
+        h = hashlib.sha256(SPLIT_VERSION.encode())
         for part in (self.train, self.val, self.test):
             h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
     def summary(self) -> dict:
+        d = self.duplicates
         return {
             "seed": self.seed,
             "train": len(self.train),
             "val": len(self.val),
             "test": len(self.test),
             "digest": self.digest(),
+            "duplicate_groups": d.groups,
+            "duplicate_rows": d.rows,
+            "conflicting_groups": d.conflicting_groups,
+            "conflicting_rows": d.conflicting_rows,
+            "conflicting_dropped": d.dropped,
         }
 
 
@@ -356,18 +379,83 @@ def _decode_image(file: Path) -> np.ndarray | str:
 # --- split -------------------------------------------------------------------------------------
 
 
+def duplicate_groups(images: np.ndarray) -> np.ndarray:
+    """A group id per row; rows with byte-identical images share one."""
+    keys = [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images]
+    return np.unique(np.array(keys, dtype=object).astype("S16"), return_inverse=True)[1].ravel()
+
+
+def _find_duplicates(
+    faces: FaceSet, group: np.ndarray, drop: bool
+) -> tuple[Duplicates, np.ndarray]:
+    """The duplicate counts, and which rows to keep (all, or all but conflicting copies)."""
+    sizes = np.bincount(group)
+    conflicting = np.zeros(len(sizes), dtype=bool)
+    for values in (faces.age, faces.ethnicity, faces.gender):
+        lo = np.full(len(sizes), np.iinfo(np.int64).max)
+        hi = np.full(len(sizes), np.iinfo(np.int64).min)
+        np.minimum.at(lo, group, values)
+        np.maximum.at(hi, group, values)
+        conflicting |= lo != hi
+    found = Duplicates(
+        groups=int((sizes > 1).sum()),
+        rows=int(sizes[sizes > 1].sum()),
+        conflicting_groups=int(conflicting.sum()),
+        conflicting_rows=int(sizes[conflicting].sum()),
+        dropped=drop,
+    )
+    if found.groups:
+        log.warning(
+            "%d groups of byte-identical images (%d rows), each kept on one side of the split; "
+            "%d groups (%d rows) disagree on a label: %s",
+            found.groups,
+            found.rows,
+            found.conflicting_groups,
+            found.conflicting_rows,
+            "left out" if drop else "kept (--skip-bad-rows / SKIP_BAD_ROWS=1 leaves them out)",
+        )
+    keep = ~conflicting[group] if drop else np.ones(len(group), dtype=bool)
+    return found, keep
+
+
 def split(
-    faces: FaceSet, edges: tuple[int, ...], seed: int, test_fraction: float, val_fraction: float
+    faces: FaceSet,
+    edges: tuple[int, ...],
+    seed: int,
+    test_fraction: float,
+    val_fraction: float,
+    drop_conflicting: bool = False,
 ) -> Split:
-    """Stratified by (age bracket, ethnicity, gender); same inputs give the same split."""
-    strata = labels.age_bracket(faces.age, edges) * 100 + faces.ethnicity * 10 + faces.gender
+    """Stratified by (age bracket, ethnicity, gender); same inputs give the same split.
+
+    Whole groups of byte-identical images are dealt out, so a copy of a test face is never a
+    training face; a group goes with the stratum of its first row.
+    """
+    group = duplicate_groups(faces.images)
+    duplicates, keep = _find_duplicates(faces, group, drop_conflicting)
+    bracket = labels.age_bracket(faces.age, edges)
+    strata = np.ravel_multi_index(
+        (bracket, faces.ethnicity, faces.gender),
+        (len(edges) - 1, len(labels.ETHNICITIES), len(labels.GENDERS)),
+    )
+    rows = np.flatnonzero(keep)
+    ids, first = np.unique(group[rows], return_index=True)  # each kept group and its first row
+    sizes = np.bincount(group[rows], minlength=len(np.bincount(group)))[ids]
+    group_strata = strata[rows[first]]
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-    for stratum in np.unique(strata):
-        idx = rng.permutation(np.flatnonzero(strata == stratum))
-        n_test = round(len(idx) * test_fraction)
-        n_val = round((len(idx) - n_test) * val_fraction)
-        parts["test"].append(idx[:n_test])
-        parts["val"].append(idx[n_test : n_test + n_val])
-        parts["train"].append(idx[n_test + n_val :])
-    return Split(**{k: np.sort(np.concatenate(v)) for k, v in parts.items()}, seed=seed)
+    part_of = np.full(group.max() + 1, -1)  # 0 test, 1 validation, 2 train
+    for stratum in np.unique(group_strata):
+        order = rng.permutation(np.flatnonzero(group_strata == stratum))
+        total = sizes[order].sum()
+        n_test = round(total * test_fraction)
+        n_val = round((total - n_test) * val_fraction)
+        before = np.cumsum(sizes[order]) - sizes[order]  # rows dealt out ahead of each group
+        part_of[ids[order]] = np.where(before < n_test, 0, np.where(before < n_test + n_val, 1, 2))
+    parts = part_of[group[rows]]
+    return Split(
+        train=rows[parts == 2],
+        val=rows[parts == 1],
+        test=rows[parts == 0],
+        seed=seed,
+        duplicates=duplicates,
+    )

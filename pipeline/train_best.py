@@ -66,9 +66,14 @@ def study_split(settings: Settings, attrs: dict) -> tuple[data.FaceSet, data.Spl
         attrs["split_seed"],
         attrs["test_fraction"],
         attrs["val_fraction"],
+        drop_conflicting=attrs.get("drop_conflicting", False),
     )
     if split.digest() != attrs["split_digest"]:
-        raise TrainBestError(f"the split differs from study {settings.study!r}'s; same SEED needed")
+        raise TrainBestError(
+            f"the split differs from study {settings.study!r}'s (digest {split.digest()}, study "
+            f"has {attrs['split_digest']}): the study was made with other data rows or an older "
+            "faceopt split; tune a new STUDY to retrain on this one"
+        )
     return faces, split
 
 

@@ -70,6 +70,7 @@ def study_attrs(settings: Settings, faces: data.FaceSet, split: data.Split) -> d
         "split_seed": split.seed,
         "test_fraction": settings.test_fraction,
         "val_fraction": settings.val_fraction,
+        "drop_conflicting": settings.skip_bad_rows,
         "space": settings.space,
         "metric": settings.metric,
         "age_edges": list(settings.age_edges),
@@ -310,6 +311,7 @@ def load_data(settings: Settings) -> tuple[data.FaceSet, data.Split, dict]:
         settings.split_seed_or_seed,
         settings.test_fraction,
         settings.val_fraction,
+        drop_conflicting=settings.skip_bad_rows,
     )
     return faces, split, study_attrs(settings, faces, split)
 

@@ -128,6 +128,35 @@ def test_split_is_stratified_seeded_and_disjoint(tmp_path: Path) -> None:
     assert np.abs(share(a.test) - share(a.train)).max() < 0.06
 
 
+def test_duplicates_never_straddle_a_split(tmp_path: Path) -> None:
+    df = synthetic_faces(300)
+    # 40 images copied 2-4 times; every other group with a copy whose labels disagree.
+    copies = []
+    for k, row in enumerate(range(0, 200, 5)):
+        for c in range(2 + k % 3):
+            copy = df.iloc[row].copy()
+            if k % 2 and c == 0:
+                copy["gender"] = 1 - copy["gender"]
+            copies.append(copy)
+    df = pd.concat([df, pd.DataFrame(copies)], ignore_index=True)
+    faces = data.load(write_csv(df, tmp_path / "dups.csv"), tmp_path / "c")
+    group = data.duplicate_groups(faces.images)
+    for seed in range(5):
+        split = data.split(faces, EDGES, seed=seed, test_fraction=0.2, val_fraction=0.2)
+        sides = [set(group[part]) for part in (split.train, split.val, split.test)]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+        assert len(split.train) + len(split.val) + len(split.test) == len(faces)
+    found = split.duplicates
+    assert (found.groups, found.conflicting_groups) == (40, 20)
+    assert found.rows == sum(1 + 2 + k % 3 for k in range(40))
+    dropped = data.split(faces, EDGES, 0, 0.2, 0.2, drop_conflicting=True)
+    conflicting_rows = sum(1 + 2 + k % 3 for k in range(40) if k % 2)
+    assert (
+        len(dropped.train) + len(dropped.val) + len(dropped.test) == len(faces) - conflicting_rows
+    )
+    assert dropped.digest() != split.digest() and dropped.summary()["conflicting_dropped"]
+
+
 def test_age_brackets() -> None:
     assert labels.bracket_names(EDGES) == ("0-3", "4-18", "19-45", "46-64", "65+")
     ages = np.array([0, 3, 4, 18, 19, 45, 46, 64, 65, 116])
