@@ -51,6 +51,14 @@ class FaceSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    def targets(self, rows: np.ndarray, edges: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The class index of each head for `rows`, age as its bracket."""
+        return {
+            "age": labels.age_bracket(self.age[rows], edges),
+            "ethnicity": self.ethnicity[rows].astype(np.int64),
+            "gender": self.gender[rows].astype(np.int64),
+        }
+
 
 # Part of every split digest: a study made with an earlier way of splitting is refused, not mixed.
 SPLIT_VERSION = "groups-v2"

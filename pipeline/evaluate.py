@@ -11,6 +11,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 from pipeline import calibrate, labels
 
 GROUPS = ("ethnicity", "gender", "age")
+BOOTSTRAP = 1000  # resamples behind each interval
 
 
 def head_metrics(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
@@ -21,6 +22,22 @@ def head_metrics(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> d
         metrics[f"test_{head}_f1"] = float(f1_score(truth[head], pred[head], average="macro"))
     metrics["test_mean_acc"] = float(np.mean([metrics[f"test_{h}_acc"] for h in labels.HEADS]))
     return metrics
+
+
+def bootstrap_intervals(
+    pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """test_<head>_acc_low / _high: a percentile bootstrap interval of each head's accuracy
+    (the same resampled rows for every head)."""
+    n = len(truth[labels.HEADS[0]])
+    rows = np.random.default_rng(seed).integers(0, n, (BOOTSTRAP, n), dtype=np.int32)
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for head in labels.HEADS:
+        means = (pred[head] == truth[head])[rows].mean(axis=1)
+        low, high = np.percentile(means, [tail, 100 - tail])
+        out[f"test_{head}_acc_low"], out[f"test_{head}_acc_high"] = float(low), float(high)
+    return out
 
 
 def confusions(
@@ -84,9 +101,11 @@ def markdown_table(table: pd.DataFrame) -> str:
 def model_card(info: dict, metrics: dict, table: pd.DataFrame) -> str:
     """A short markdown card: data, split, params, metrics, per-group table, known limits."""
     metric_lines = "\n".join(
-        f"| {h} | {metrics[f'test_{h}_acc']:.4f} | {metrics[f'test_{h}_f1']:.4f} |"
+        f"| {h} | {metrics[f'test_{h}_acc']:.4f} | {metrics[f'test_{h}_acc_low']:.4f}–"
+        f"{metrics[f'test_{h}_acc_high']:.4f} | {metrics[f'test_{h}_f1']:.4f} |"
         for h in labels.HEADS
     )
+    dup = info["split"]
     params = "\n".join(f"- `{k}`: {v}" for k, v in info["params"].items())
     cal = info["calibration"]
     calibration_lines = "\n".join(
@@ -102,8 +121,13 @@ ethnicity (White, Black, Asian, Indian, Other) and gender (male, female).
 
 ## Data and split
 - Source: `{info["data"]}` (sha256 `{info["fingerprint"][:16]}…`), {info["n_faces"]} faces.
-- Split (seed {info["split"]["seed"]}, digest `{info["split"]["digest"]}`): train {info["split"]["train"]},
-  validation {info["split"]["val"]} (early stopping), test {info["split"]["test"]} (used once, here).
+- Split (seed {dup["seed"]}, digest `{dup["digest"]}`): train {dup["train"]}, validation
+  {dup["val"]} (early stopping, calibration, and the champion gate), test {dup["test"]} (used once,
+  here, to report; it chose nothing: not the trial, the epoch, the temperatures nor the alias).
+- Duplicates: {dup["duplicate_groups"]} groups of byte-identical images ({dup["duplicate_rows"]}
+  rows), each group on one side of the split; {dup["conflicting_groups"]} groups
+  ({dup["conflicting_rows"]} rows) disagree on a label, and were
+  {"left out" if dup["conflicting_dropped"] else "kept"}.
 - Tuned by study `{info["study"]}`, trial #{info["trial"]} (validation {info["metric"]} accuracy
   {info["trial_value"]:.4f}); retrained {info["epochs"]} epochs, best epoch {info["best_epoch"]},
   on {info["device"]} ({info["precision"]}).
@@ -112,8 +136,12 @@ ethnicity (White, Black, Asian, Indian, Other) and gender (male, female).
 {params}
 
 ## Test metrics
-| head | accuracy | macro-F1 |
-| --- | --- | --- |
+Accuracy on the test split, arrays converted as the dataset was (a model figure; what the service
+answers for photos is measured by `faceopt evaluate`), with a 95% bootstrap interval
+({BOOTSTRAP} resamples):
+
+| head | accuracy | 95% interval | macro-F1 |
+| --- | --- | --- | --- |
 {metric_lines}
 
 ## Calibration (test split)
@@ -125,6 +153,8 @@ split; expected calibration error ({calibrate.ECE_BINS} bins) before and after:
 {calibration_lines}
 
 ## Accuracy by group (test split)
+`n` is each group's count: small groups have wide intervals.
+
 {markdown_table(table)}
 
 ## Known limits

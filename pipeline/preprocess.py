@@ -30,12 +30,14 @@ def load_gray48(source: str | Path | BinaryIO) -> np.ndarray:
         return to_gray48(image)
 
 
-def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+def to_model_input(
+    images: np.ndarray | torch.Tensor, mean: float = MEAN, std: float = STD
+) -> torch.Tensor:
     """uint8 N x 48 x 48 -> float32 N x 1 x 48 x 48, normalised."""
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)
-    return (x.float() / 255.0 - MEAN) / STD
+    return (x.float() / 255.0 - mean) / std
 
 
 # --- uploaded photos -> training-like faces ---------------------------------------------------

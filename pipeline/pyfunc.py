@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import sys
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,52 @@ def metadata(
     }
 
 
+# The modules MLflow runs when it loads the model; the pipeline modules they import follow.
+ENTRY_MODULES = ("pipeline.pyfunc_entry", "pipeline.pyfunc")
+
+
+def imported_modules(entry: tuple[str, ...] = ENTRY_MODULES) -> set[str]:
+    """Top-level names of every module the model's code imports (read from its source, lazy
+    imports included), following imports within the pipeline package."""
+    package = Path(__file__).parent
+    todo, seen, found = list(entry), set(), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((package / f"{name.split('.')[-1]}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+                if node.module == "pipeline":  # from pipeline import a, b
+                    names = [f"pipeline.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for module in names:
+                if module.startswith("pipeline."):
+                    todo.append(module)
+                elif module.split(".")[0] not in ("pipeline", "__future__"):
+                    found.add(module.split(".")[0])
+    return found - set(sys.stdlib_module_names)
+
+
+def requirements() -> list[str]:
+    """pip requirements of the logged model: each distribution that provides a module its code
+    imports, pinned to the installed version (a local build tag such as +cpu dropped)."""
+    providers = importlib_metadata.packages_distributions()
+    dists = set()
+    for module in imported_modules():
+        if module not in providers:
+            raise RuntimeError(
+                f"the model's code imports {module!r}, which no installed package provides"
+            )
+        dists.update(providers[module])
+    return sorted(f"{dist}=={importlib_metadata.version(dist).split('+')[0]}" for dist in dists)
+
+
 def signature(edges: tuple[int, ...]) -> ModelSignature:
     size = preprocess.SIZE
     outputs = [ColSpec("string", head) for head in labels.HEADS]
@@ -57,7 +106,12 @@ class FaceModel(PythonModel):
 
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = preprocess.to_model_input(np.asarray(images, dtype=np.uint8))
+        # The normalisation stored with the model, not today's constants.
+        x = preprocess.to_model_input(
+            np.asarray(images, dtype=np.uint8),
+            self.meta["input"]["mean"],
+            self.meta["input"]["std"],
+        )
         logits = self.net(x)
         # Models from before calibration have no temperatures: plain softmax.
         temperatures = self.meta.get("temperatures", {})

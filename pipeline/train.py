@@ -83,11 +83,7 @@ def to_tensors(
     faces: FaceSet, rows: np.ndarray, edges: tuple[int, ...], device: torch.device
 ) -> Tensors:
     """Normalised inputs and targets for `rows`, moved to `device` once."""
-    targets = {
-        "age": labels.age_bracket(faces.age[rows], edges),
-        "ethnicity": faces.ethnicity[rows].astype(np.int64),
-        "gender": faces.gender[rows].astype(np.int64),
-    }
+    targets = faces.targets(rows, edges)
     x = preprocess.to_model_input(faces.images[rows])
     if device.type == "cuda":  # one pinned, asynchronous copy; the set then stays on the GPU
         x = x.pin_memory()

@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import optuna
 import torch
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
@@ -77,16 +78,25 @@ def study_split(settings: Settings, attrs: dict) -> tuple[data.FaceSet, data.Spl
     return faces, split
 
 
+def trial_seed(best: optuna.trial.FrozenTrial, settings: Settings) -> int:
+    """The seed the trial trained with (recorded by tune; older studies: seed + trial number)."""
+    return int(best.user_attrs.get("seed", settings.seed + best.number))
+
+
 def fit_best(
     params: dict,
     sets: dict[str, train.Tensors],
     settings: Settings,
+    seed: int,
     metric: str,
     classes: dict[str, int],
     precision: train.Precision,
 ) -> tuple[torch.nn.Module, list[dict], int]:
-    """Train up to train_epochs with early stopping on validation; returns the best epoch's weights."""
-    train.seed_everything(settings.seed)
+    """Train up to train_epochs with early stopping on validation; returns the best epoch's weights.
+
+    The trial's learning-rate schedule spans all train_epochs (train.fit sizes it by the epochs
+    it is given), so a one-cycle or cosine schedule is the trial's, stretched to this length."""
+    train.seed_everything(seed)
     net = model.build(params, classes).to(sets["train"].x.device)
     key = train.metric_key(metric)
     best = {"value": -1.0, "epoch": -1, "state": None}
@@ -109,7 +119,7 @@ def fit_best(
             sets["train"],
             sets["val"],
             settings.train_epochs,
-            settings.seed,
+            seed,
             on_epoch,
             precision,
         )
@@ -134,7 +144,7 @@ def calibrate_and_test(
 def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: dict) -> dict:
     """Metrics, confusion matrices, per-group table and model card on the active run."""
     names = labels.class_names(edges)
-    metrics = evaluate.head_metrics(pred, truth)
+    metrics = evaluate.head_metrics(pred, truth) | evaluate.bootstrap_intervals(pred, truth)
     table = evaluate.per_group(pred, truth, names)
     gaps = evaluate.group_gaps(table)
     mlflow.log_metrics(metrics | {f"ethnicity_gap_{k}": v for k, v in gaps.items()})
@@ -165,43 +175,77 @@ def log_and_register(
         meta.write_text(json.dumps(pyfunc.metadata(params, edges, temperatures), indent=2))
         info = mlflow.pyfunc.log_model(
             name="model",
-            # Models from code: the class is loaded from source, not unpickled.
+            # Models from code: the class is loaded from source, not unpickled; code_paths carries
+            # this pipeline package with the model, so the version keeps predicting the same
+            # after the project's code changes (in a process that has not imported it already).
             python_model=str(Path(pyfunc.__file__).with_name("pyfunc_entry.py")),
             artifacts={"weights": str(weights), "meta": str(meta)},
             code_paths=[str(Path(pipeline.__file__).parent)],
             signature=pyfunc.signature(edges),
             input_example=np.full((1, 48, 48), 128, dtype=np.uint8),
-            pip_requirements=[
-                f"torch>={torch.__version__.split('+')[0]}",
-                "numpy",
-                "pandas",
-                f"mlflow=={mlflow.__version__}",
-            ],
+            pip_requirements=pyfunc.requirements(),
         )
     return mlflow.register_model(info.model_uri, name)
 
 
-def move_alias(
-    client: MlflowClient, name: str, version: str, key: str, value: float, promote: bool
-) -> str:
-    """champion when at least as good as the current one (or forced), else challenger."""
+def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version under the champion alias; None only when there is none (a registry that
+    fails for another reason raises, rather than letting any version through)."""
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    best = float(current.tags.get(key, "-inf")) if current else float("-inf")
-    alias = CHAMPION if promote or current is None or value >= best else CHALLENGER
-    client.set_registered_model_alias(name, alias, version)
-    if alias == CHALLENGER:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as e:
+        missing_alias = e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in e.message
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias:
+            return None
+        raise
+
+
+def validation_accuracy(uri: str, faces: np.ndarray, truth: dict[str, np.ndarray], metric: str):
+    """A registered version's accuracy on the study's metric, through its own pyfunc."""
+    found = mlflow.pyfunc.load_model(uri).unwrap_python_model().probabilities(faces)
+    acc = {head: float((found[head].argmax(1) == truth[head]).mean()) for head in labels.HEADS}
+    return float(np.mean(list(acc.values()))) if metric == "mean" else acc[metric]
+
+
+def gate(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    val: tuple[np.ndarray, dict[str, np.ndarray]],
+    metric: str,
+    data_key: tuple[str, str],
+    promote: bool,
+) -> str:
+    """champion when the new version is at least as good as the current champion on the same
+    validation data (both evaluated here, now); else challenger. The test split is never read:
+    it reports, it does not choose. Versions of other data or another split are not compared
+    (challenger, unless promote forces champion)."""
+    current = current_champion(client, name)
+    if promote or current is None:
+        alias = CHAMPION
+    elif (current.tags.get("data.fingerprint"), current.tags.get("split.digest")) != data_key:
         log.warning(
-            "version %s: %s %.4f < champion v%s's %.4f; set alias 'challenger' "
-            "(use --promote to force)",
+            "version %s: not compared with champion v%s, which was trained on other data or "
+            "another split (its validation rows are not ours); set alias 'challenger' "
+            "(PROMOTE=1 / --promote makes it champion)",
             version,
-            key,
-            value,
             current.version,
-            best,
         )
+        alias = CHALLENGER
+    else:
+        new = validation_accuracy(f"models:/{name}/{version}", *val, metric)
+        old = validation_accuracy(f"models:/{name}/{current.version}", *val, metric)
+        alias = CHAMPION if new >= old else CHALLENGER
+        log.info(
+            "validation %s accuracy: version %s %.4f, champion v%s %.4f -> %s",
+            metric,
+            version,
+            new,
+            current.version,
+            old,
+            alias,
+        )
+    client.set_registered_model_alias(name, alias, version)
     return alias
 
 
@@ -230,6 +274,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
     study, best, params = load_best(settings)
     attrs = study.user_attrs
     edges, metric = tuple(attrs["age_edges"]), attrs["metric"]
+    seed = trial_seed(best, settings)
     faces, split = study_split(settings, attrs)
     device = train.select_device()
     precision = train.select_precision(device)
@@ -257,7 +302,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
         mlflow.log_params(
             params
             | {
-                "seed": settings.seed,
+                "seed": seed,
                 "train_epochs": settings.train_epochs,
                 "patience": settings.patience,
             }
@@ -271,7 +316,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
             }
         )
         net, history, best_epoch = fit_best(
-            params, sets, settings, metric, labels.num_classes(edges), precision
+            params, sets, settings, seed, metric, labels.num_classes(edges), precision
         )
         temperatures, pred, truth, calibration = calibrate_and_test(
             net, sets["val"], sets["test"], precision
@@ -298,16 +343,18 @@ def run(settings: Settings, promote: bool = False) -> dict:
         metrics = log_evaluation(pred, truth, edges, card)
         mlflow.log_metrics({"best_epoch": best_epoch, "wall_s": time.time() - started})
         version = log_and_register(net, params, edges, temperatures, settings.model_name)
-        key = f"test_{metric}_acc"
         for tag, value in {
             **metrics,
             "optuna.study": study.study_name,
             "optuna.best_trial": best.number,
             "faceopt.best_trial_run_id": best.user_attrs.get(tracking.RUN_ID_ATTR, ""),
             "data.fingerprint": faces.fingerprint,
+            "split.digest": split.digest(),
         }.items():
             client.set_model_version_tag(settings.model_name, version.version, tag, str(value))
-        alias = move_alias(client, settings.model_name, version.version, key, metrics[key], promote)
+        val = (faces.images[split.val], faces.targets(split.val, edges))
+        data_key = (faces.fingerprint, split.digest())
+        alias = gate(client, settings.model_name, version.version, val, metric, data_key, promote)
         run_id = active.info.run_id
     return {
         "model": settings.model_name,

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # Recorded on the study when it is created; a later run on the same study must agree, so that
 # trials stay comparable and train-best rebuilds exactly the split the study selected on.
-STUDY_ATTRS = ("data_fingerprint", "split_digest", "space", "metric", "age_edges")
+# Epochs too: a trial's schedule spans its epochs, so trials of other lengths are not comparable.
+STUDY_ATTRS = ("data_fingerprint", "split_digest", "space", "metric", "age_edges", "epochs")
 LIBRARIES = ("torch", "optuna", "mlflow", "numpy", "scikit-optimize", "madgrad", "faceopt")
 
 
@@ -74,6 +75,7 @@ def study_attrs(settings: Settings, faces: data.FaceSet, split: data.Split) -> d
         "space": settings.space,
         "metric": settings.metric,
         "age_edges": list(settings.age_edges),
+        "epochs": settings.epochs,
     }
 
 
@@ -127,6 +129,7 @@ def make_objective(
             params = space.suggest(trial, settings.space)
             logger.log_params(run_id, params)
             seed = settings.seed + trial.number
+            trial.set_user_attr("seed", seed)  # train-best retrains with the same one
             train.seed_everything(seed)
             net = model.build(params, classes).to(device)
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -90,3 +91,55 @@ def test_other_data_than_the_study_is_refused(tuned: Settings, tmp_path: Path) -
     other = write_csv(synthetic_faces(240, seed=5), tmp_path / "other.csv")
     with pytest.raises(train_best.TrainBestError, match="not the data study"):
         train_best.run(tuned.model_copy(update={"data": other}))
+
+
+def test_gate_reads_validation_only_and_refuses_other_splits(tuned: Settings, monkeypatch) -> None:
+    seen = []
+    real_gate = train_best.gate
+
+    def spy(client, name, version, val, *args):
+        seen.append(val[0])
+        return real_gate(client, name, version, val, *args)
+
+    monkeypatch.setattr(train_best, "gate", spy)
+    first = train_best.run(tuned)
+    faces, split = train_best.study_split(tuned, train_best.load_best(tuned)[0].user_attrs)
+    # The gate saw exactly the validation faces: never a test row.
+    assert np.array_equal(seen[0], faces.images[split.val])
+    assert first["alias"] == "champion"
+    seed = train_best.load_best(tuned)[1].user_attrs["seed"]
+    client = MlflowClient(tuned.tracking_uri)
+    assert client.get_run(first["run_id"]).data.params["seed"] == str(seed)  # the trial's seed
+
+    # A champion of another split is not compared: the new version waits as challenger...
+    client.set_model_version_tag("faces", "1", "split.digest", "another-split")
+    second = train_best.run(tuned)
+    assert second["alias"] == "challenger"
+    assert str(client.get_model_version_by_alias("faces", "champion").version) == "1"
+    # ...unless promotion is forced.
+    assert train_best.run(tuned, promote=True)["alias"] == "champion"
+
+
+def test_registry_outage_is_not_read_as_no_champion(monkeypatch) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+    class Down:
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException("connection refused", error_code=INTERNAL_ERROR)
+
+    with pytest.raises(MlflowException, match="connection refused"):
+        train_best.current_champion(Down(), "faces")
+
+    class Empty:
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException(
+                f"Registered model alias {alias} not found.", error_code=INVALID_PARAMETER_VALUE
+            )
+
+    assert train_best.current_champion(Empty(), "faces") is None
+
+
+def test_resuming_with_other_epochs_is_refused(tuned: Settings) -> None:
+    with pytest.raises(tune.StudyMismatch, match="epochs"):
+        tune.run(tuned.model_copy(update={"epochs": tuned.epochs + 1}))

@@ -162,4 +162,4 @@ def test_real_data_study(real_csv: Path, settings: Settings) -> None:
     assert 0.45 < summary["best_value"] <= 1.0  # age-bracket accuracy after one epoch
     _, parents, children = child_runs(settings)
     assert len(children) == 2
-    assert next(iter(parents.values())).data.params["split_train"] == "13938"
+    assert next(iter(parents.values())).data.params["split_train"] == "13941"
