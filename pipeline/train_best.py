@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
-from pipeline import calibrate, data, evaluate, labels, model, pyfunc, space, tracking, train
+from pipeline import calibrate, data, labels, metrics, model, pyfunc, space, tracking, train
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,14 @@ def fit_best(
     best = {"value": -1.0, "epoch": -1, "state": None}
     bar = tqdm(total=settings.train_epochs, desc="train-best", unit="epoch")
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
-        mlflow.log_metrics(metrics, step=epoch)
+    def on_epoch(epoch: int, scores: dict[str, float]) -> bool:
+        mlflow.log_metrics(scores, step=epoch)
         bar.update()
         bar.set_postfix(
-            {key: f"{metrics[key]:.4f}", "best": f"{max(best['value'], metrics[key]):.4f}"}
+            {key: f"{scores[key]:.4f}", "best": f"{max(best['value'], scores[key]):.4f}"}
         )
-        if metrics[key] > best["value"]:
-            best.update(value=metrics[key], epoch=epoch, state=copy.deepcopy(net.state_dict()))
+        if scores[key] > best["value"]:
+            best.update(value=scores[key], epoch=epoch, state=copy.deepcopy(net.state_dict()))
         return epoch - best["epoch"] >= settings.patience
 
     try:
@@ -144,21 +144,21 @@ def calibrate_and_test(
 def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: dict) -> dict:
     """Metrics, confusion matrices, per-group table and model card on the active run."""
     names = labels.class_names(edges)
-    metrics = evaluate.head_metrics(pred, truth) | evaluate.bootstrap_intervals(pred, truth)
-    table = evaluate.per_group(pred, truth, names)
-    gaps = evaluate.group_gaps(table)
-    mlflow.log_metrics(metrics | {f"ethnicity_gap_{k}": v for k, v in gaps.items()})
+    scores = metrics.head_metrics(pred, truth) | metrics.bootstrap_intervals(pred, truth)
+    table = metrics.per_group(pred, truth, names)
+    gaps = metrics.group_gaps(table)
+    mlflow.log_metrics(scores | {f"ethnicity_gap_{k}": v for k, v in gaps.items()})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        for head, matrix in evaluate.confusions(pred, truth, names).items():
-            evaluate.confusion_png(
+        for head, matrix in metrics.confusions(pred, truth, names).items():
+            metrics.confusion_png(
                 matrix, names[head], f"{head} (test)", out / f"confusion_{head}.png"
             )
         table.to_csv(out / "per_group.csv", index=False)
-        (out / "per_group.md").write_text(evaluate.markdown_table(table) + "\n")
-        (out / "model_card.md").write_text(evaluate.model_card(card_info, metrics, table))
+        (out / "per_group.md").write_text(metrics.markdown_table(table) + "\n")
+        (out / "model_card.md").write_text(metrics.model_card(card_info, scores, table))
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
-    return metrics
+    return scores
 
 
 def log_and_register(
@@ -340,11 +340,11 @@ def run(settings: Settings, promote: bool = False) -> dict:
             "params": params,
             "calibration": calibration,
         }
-        metrics = log_evaluation(pred, truth, edges, card)
+        scores = log_evaluation(pred, truth, edges, card)
         mlflow.log_metrics({"best_epoch": best_epoch, "wall_s": time.time() - started})
         version = log_and_register(net, params, edges, temperatures, settings.model_name)
         for tag, value in {
-            **metrics,
+            **scores,
             "optuna.study": study.study_name,
             "optuna.best_trial": best.number,
             "faceopt.best_trial_run_id": best.user_attrs.get(tracking.RUN_ID_ATTR, ""),
@@ -368,6 +368,6 @@ def run(settings: Settings, promote: bool = False) -> dict:
         "device": str(device),
         "precision": precision.name,
         "wall_s": time.time() - started,
-        **metrics,
+        **scores,
         **calibration,
     }
