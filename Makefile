@@ -21,7 +21,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 ALL_SAMPLERS := random,tpe,skopt,gp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best serve ui test lint bench bench-serve
+.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve ui test lint bench bench-serve
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -63,6 +63,11 @@ mlflow-server: setup ## MLflow tracking server: PostgreSQL backend store, served
 train-best: setup ## retrain the best trial, report on the test split, register (STUDY TRAIN_EPOCHS PROMOTE=1)
 	$(FACEOPT) train-best $(STUDY_FLAGS) $(call flag,TRAIN_EPOCHS,epochs) $(call flag,PATIENCE,patience) \
 		$(call flag,MODEL_NAME,model-name) $(if $(PROMOTE),--promote)
+
+evaluate: setup ## a version (VERSION=champion) on labelled photos through the service's crop (PHOTOS= CONTEXT=1,2,3)
+	@test -n "$(PHOTOS)" || { echo "make evaluate needs PHOTOS=/path/to/folder of UTKFace-named photos (<age>_<gender>_<race>_<datetime>.jpg), e.g. PHOTOS=../shared/data/utkface_photos"; exit 2; }
+	$(FACEOPT) evaluate --photos '$(PHOTOS)' $(call flag,VERSION,version) $(call flag,CONTEXT,context) \
+		$(call flag,SURROUND,surround) $(call flag,MODEL_NAME,model-name) $(call flag,MIN_FACE,min-face)
 
 serve: setup ## start the prediction service on the champion (HOST, PORT, WORKERS; POST /predict, page at /)
 	$(FACEOPT) serve $(call flag,HOST,host) $(call flag,PORT,port) $(call flag,MODEL_NAME,model-name) \

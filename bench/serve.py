@@ -166,7 +166,7 @@ def accuracy(url: str, samples: Path, edges: tuple[int, ...], scale: float = 1.0
             )
             r.raise_for_status()
             for f, p in zip(batch, r.json()["predictions"], strict=True):
-                age, gender, race = data._utk_labels(f.name)
+                age, gender, race = data.utk_labels(f.name)
                 truth = {
                     "age": names["age"][int(labels.age_bracket(np.array([age]), edges)[0])],
                     "ethnicity": names["ethnicity"][race],

@@ -139,6 +139,24 @@ def cmd_train_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """The service's answers on a folder of labelled photos, next to the dataset's conversion."""
+    from pipeline import evaluate
+
+    photos, version, surround = args.photos, args.version, args.surround
+    contexts = tuple(float(c) for c in args.context.split(","))
+    if any(c < 1 for c in contexts):
+        raise ValueError(
+            f"--context takes sizes of 1 or more (the photo's side over the face's), got {args.context}"
+        )
+    for k in ("photos", "version", "surround", "context"):
+        delattr(args, k)
+    result = evaluate.run(_settings(args), Path(photos), version, contexts, surround)
+    print(evaluate.table(result))
+    print(f"logged to run {result['run_id']} of {result['model']} version {result['version']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -304,6 +322,25 @@ def parser() -> argparse.ArgumentParser:
     _add(best, TRAIN_BEST)
     best.add_argument("--promote", action="store_true", help="make it champion even if worse")
     best.set_defaults(func=cmd_train_best)
+
+    ev = sub.add_parser(
+        "evaluate", help="a registered version on a folder of photos, through the service's crop"
+    )
+    ev.add_argument("--photos", required=True, help="folder of UTKFace-named photos")
+    ev.add_argument("--version", default="champion", help="alias or version number")
+    ev.add_argument(
+        "--context",
+        default="1",
+        help="comma-separated: 1 = photos as they are; 2, 3 ... = each inside a photo that many "
+        "times its size",
+    )
+    ev.add_argument(
+        "--surround", default="blur", help="blur (a blurred copy) or mean (border colour)"
+    )
+    ev.add_argument("--tracking-uri", dest="tracking_uri")
+    ev.add_argument("--model-name", dest="model_name")
+    ev.add_argument("--min-face", dest="min_face", type=float, help="as the service's setting")
+    ev.set_defaults(func=cmd_evaluate)
 
     serve = sub.add_parser("serve", help="start the FastAPI service on the registered champion")
     serve.add_argument("--tracking-uri", dest="tracking_uri")

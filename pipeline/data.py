@@ -136,7 +136,7 @@ def fingerprint(path: Path) -> str:
     """sha256 of a file's bytes, or of a folder's image names and bytes in sorted order."""
     h = hashlib.sha256()
     if path.is_dir():
-        for file in _image_files(path):
+        for file in image_files(path):
             h.update(file.name.encode())
             h.update(file.read_bytes())
     else:
@@ -324,13 +324,13 @@ def _handle_problems(
 # --- UTKFace folder ----------------------------------------------------------------------------
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
 
 
 def read_utkface(folder: Path, digest: str = "", skip_bad_rows: bool = False) -> FaceSet:
     """Decode <age>_<gender>_<race>_<date>.jpg files: labels from names, pixels as the CSV was made."""
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise DataError(
             f"{folder}: no .jpg/.jpeg/.png files; expected UTKFace images named "
@@ -340,7 +340,7 @@ def read_utkface(folder: Path, digest: str = "", skip_bad_rows: bool = False) ->
     problems: dict[int, str] = {}
     label_rows = np.zeros((len(files), 3), dtype=np.int64)
     for i, f in enumerate(files):
-        parsed = _utk_labels(f.name)
+        parsed = utk_labels(f.name)
         if isinstance(parsed, str):
             problems[i] = parsed
         else:
@@ -365,7 +365,7 @@ def read_utkface(folder: Path, digest: str = "", skip_bad_rows: bool = False) ->
     )
 
 
-def _utk_labels(name: str) -> tuple[int, int, int] | str:
+def utk_labels(name: str) -> tuple[int, int, int] | str:
     m = UTK_NAME.match(name)
     if not m:
         return "file name is not <age>_<gender>_<race>_<datetime>.jpg"

@@ -83,6 +83,11 @@ class Face:
     box: tuple[int, int, int, int] | None
     crop: tuple[int, int, int, int]
 
+    @property
+    def answered(self) -> bool:
+        """Whether the service labels this face (the centre square is labelled when none is found)."""
+        return True
+
 
 def open_image(raw: bytes, max_pixels: int) -> Image.Image:
     """Decode the first frame, upright per EXIF; refuse pixel bombs before decoding them."""
@@ -158,3 +163,8 @@ def face_from_image(image: Image.Image, min_face: float = MIN_FACE) -> Face:
     left, top, w, h = crop_box(gray.size, box)
     pixels = to_gray48(gray.crop((left, top, left + w, top + h)))
     return Face(pixels=pixels, box=box, crop=(left, top, w, h))
+
+
+def face_from_upload(raw: bytes, max_pixels: int, min_face: float = MIN_FACE) -> Face:
+    """What the service does with one uploaded file: decode, find the face, crop, 48x48."""
+    return face_from_image(open_image(raw, max_pixels), min_face)

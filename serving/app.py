@@ -189,14 +189,13 @@ def _faces(raws: list[bytes], names: list[str], settings: Settings) -> list[prep
     faces = []
     for raw, name in zip(raws, names, strict=True):
         try:
-            image = preprocess.open_image(raw, settings.max_pixels)
+            faces.append(preprocess.face_from_upload(raw, settings.max_pixels, settings.min_face))
         except preprocess.ImageTooLarge as e:
             raise HTTPException(413, f"{name}: {e}") from e
         except preprocess.ImageError as e:
             raise HTTPException(
                 415, f"{name}: {e}; expected a JPEG, PNG, WebP, BMP or GIF image"
             ) from e
-        faces.append(preprocess.face_from_image(image, settings.min_face))
     return faces
 
 

@@ -1,0 +1,236 @@
+"""`faceopt evaluate`: what the service answers for photos, for one registered version, next to the
+same model on the same photos converted as the dataset was (the parity gap). No server is started
+and nothing is posted: each photo goes through the service's own preprocessing function."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+from PIL import Image, ImageFilter
+from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
+
+from pipeline import data, labels, preprocess, tracking
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+SURROUNDS = ("blur", "mean")
+NO_ANSWER = -1  # the prediction recorded for a photo the service gives no labels for
+
+
+class EvaluateError(ValueError):
+    """The photos or the version cannot be evaluated as asked."""
+
+
+@dataclass(frozen=True)
+class Photos:
+    """UTKFace-named photos: file names, encoded bytes, and the labels in the names."""
+
+    names: list[str]
+    raws: list[bytes]
+    age: np.ndarray
+    ethnicity: np.ndarray
+    gender: np.ndarray
+
+    def truth(self, edges: tuple[int, ...]) -> dict[str, np.ndarray]:
+        return {
+            "age": labels.age_bracket(self.age, edges),
+            "ethnicity": self.ethnicity.astype(np.int64),
+            "gender": self.gender.astype(np.int64),
+        }
+
+
+def read_photos(folder: Path) -> Photos:
+    """Every image in `folder` named <age>_<gender>_<race>_<datetime>.jpg; a bad name is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvaluateError(f"{folder}: not a folder of photos")
+    files = data.image_files(folder)
+    if not files:
+        raise EvaluateError(
+            f"{folder}: no .jpg/.jpeg/.png files; expected photos named like UTKFace's "
+            "<age>_<gender>_<race>_<datetime>.jpg"
+        )
+    found = []
+    for f in files:
+        parsed = data.utk_labels(f.name)
+        if isinstance(parsed, str):
+            raise EvaluateError(f"{f}: {parsed}")
+        found.append(parsed)
+    age, gender, race = (np.array(column) for column in zip(*found, strict=True))
+    return Photos([f.name for f in files], [f.read_bytes() for f in files], age, race, gender)
+
+
+def in_a_photo(raw: bytes, scale: float, surround: str = "blur") -> bytes:
+    """The photo in the middle of one `scale` times its size, as a JPEG: the surroundings a
+    blurred, stretched copy of it, or (mean) the mean colour of its border."""
+    if surround not in SURROUNDS:
+        raise EvaluateError(f"unknown surround {surround!r}; expected one of {SURROUNDS}")
+    with Image.open(io.BytesIO(raw)) as opened:
+        face = opened.convert("RGB")
+    w, h = face.size
+    size = (round(w * scale), round(h * scale))
+    if surround == "blur":
+        photo = face.resize(size, Image.BILINEAR).filter(ImageFilter.GaussianBlur(w / 8))
+    else:
+        pixels = np.asarray(face, dtype=np.float64)
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        photo = Image.new("RGB", size, tuple(int(v) for v in border.mean(axis=0).round()))
+    photo.paste(face, ((size[0] - w) // 2, (size[1] - h) // 2))
+    out = io.BytesIO()
+    photo.save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def dataset_faces(photos: Photos) -> np.ndarray:
+    """The photos converted as the dataset was: whole photo, grayscale, bilinear 48x48."""
+    return np.stack([preprocess.load_gray48(io.BytesIO(raw)) for raw in photos.raws])
+
+
+def served_faces(raws: list[bytes], settings: Settings, desc: str) -> list[preprocess.Face]:
+    """Each photo through the service's preprocessing, with the service's settings."""
+    return [
+        preprocess.face_from_upload(raw, settings.max_pixels, settings.min_face)
+        for raw in tqdm(raws, desc=desc, unit="photo", leave=False)
+    ]
+
+
+def predict(model, faces: np.ndarray, answered: np.ndarray) -> dict[str, np.ndarray]:
+    """Class per head; NO_ANSWER where the service gives no labels."""
+    probs = model.probabilities(faces)
+    return {head: np.where(answered, p.argmax(1), NO_ANSWER) for head, p in probs.items()}
+
+
+def scores(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """Accuracy and macro-F1 per head over all photos; a photo without an answer counts as wrong."""
+    out = {}
+    for head in labels.HEADS:
+        out[f"{head}_acc"] = float((pred[head] == truth[head]).mean())
+        classes = np.unique(truth[head])  # macro over the true classes; no answer is no class
+        out[f"{head}_f1"] = float(
+            f1_score(truth[head], pred[head], labels=classes, average="macro", zero_division=0)
+        )
+    return out
+
+
+def resolve(settings: Settings, version: str):
+    """(registered version, its FaceModel) for an alias such as champion, or a version number."""
+    client = MlflowClient(settings.tracking_uri)
+    name = settings.model_name
+    try:
+        found = (
+            client.get_model_version(name, version)
+            if version.isdigit()
+            else client.get_model_version_by_alias(name, version)
+        )
+    except mlflow.exceptions.MlflowException as e:
+        raise EvaluateError(
+            f"no version {version!r} of model {name!r} in {settings.tracking_uri}: run "
+            "`make train-best` first, or pass VERSION=<alias or number> of a registered one"
+        ) from e
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{found.version}").unwrap_python_model()
+    return found, model
+
+
+def run(
+    settings: Settings,
+    folder: Path,
+    version: str = "champion",
+    contexts: tuple[float, ...] = (1.0,),
+    surround: str = "blur",
+) -> dict:
+    """The parity table of one version on a folder of photos, logged to the version's run."""
+    photos = read_photos(folder)
+    found, model = resolve(settings, version)
+    edges = tuple(model.meta["age_edges"])
+    truth = photos.truth(edges)
+    everyone = np.ones(len(photos.names), dtype=bool)
+    reference = scores(predict(model, dataset_faces(photos), everyone), truth)
+    rows = []
+    for context in contexts:
+        raws = (
+            photos.raws if context == 1 else [in_a_photo(r, context, surround) for r in photos.raws]
+        )
+        started = time.perf_counter()
+        faces = served_faces(raws, settings, f"context {context:g}")
+        ms = 1000 * (time.perf_counter() - started) / len(raws)
+        answered = np.array([f.answered for f in faces])
+        pixels = np.stack([f.pixels for f in faces])
+        served = scores(predict(model, pixels, answered), truth)
+        rows.append(
+            {
+                "context": context,
+                "found": float(np.mean([f.box is not None for f in faces])),
+                "answered": float(answered.mean()),
+                "preprocess_ms": ms,
+                **{f"served_{k}": v for k, v in served.items()},
+            }
+        )
+    result = {
+        "model": settings.model_name,
+        "version": str(found.version),
+        "run_id": found.run_id,
+        "folder": str(folder),
+        "photos": len(photos.names),
+        "surround": surround,
+        "min_face": settings.min_face,
+        "dataset": reference,
+        "contexts": rows,
+    }
+    log_result(settings, result)
+    return result
+
+
+def table(result: dict) -> str:
+    """Markdown: per context and head, the service's accuracy, the dataset conversion's, the gap."""
+    lines = [
+        f"{result['model']} v{result['version']} on {result['photos']} photos in "
+        f"{result['folder']} (surroundings: {result['surround']}, min_face {result['min_face']})",
+        "",
+        "| context | faces found | answered | head | served acc | dataset acc | gap (points) "
+        "| served F1 | dataset F1 | preprocess ms/photo |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ref = result["dataset"]
+    for row in result["contexts"]:
+        for head in labels.HEADS:
+            served, dataset = row[f"served_{head}_acc"], ref[f"{head}_acc"]
+            lines.append(
+                f"| {row['context']:g}x | {row['found']:.1%} | {row['answered']:.1%} | {head} "
+                f"| {served:.1%} | {dataset:.1%} | {100 * (served - dataset):+.1f} "
+                f"| {row[f'served_{head}_f1']:.3f} | {ref[f'{head}_f1']:.3f} "
+                f"| {row['preprocess_ms']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def log_result(settings: Settings, result: dict) -> None:
+    """Metrics (photos_<context>x_<head>_acc, ...) and the table on the version's training run."""
+    client = tracking.client_for(settings.tracking_uri)
+    metrics = {f"photos_dataset_{k}": v for k, v in result["dataset"].items()}
+    for row in result["contexts"]:
+        prefix = f"photos_{row['context']:g}x"
+        metrics |= {
+            f"{prefix}_{k.removeprefix('served_')}": v for k, v in row.items() if k != "context"
+        }
+    stamp = int(time.time() * 1000)
+    client.log_batch(
+        result["run_id"],
+        metrics=[mlflow.entities.Metric(k, v, stamp, 0) for k, v in metrics.items()],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = (
+            Path(tmp) / f"photos-{Path(result['folder']).name}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+        )
+        path.write_text(table(result) + "\n")
+        client.log_artifact(result["run_id"], str(path), artifact_path="evaluation")
