@@ -22,9 +22,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from pipeline import data, labels, preprocess
+from pipeline import data, evaluate, faces, labels
 from pipeline.config import Settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -130,23 +130,6 @@ def jpeg_200(path: Path | None) -> bytes:
     return buf.getvalue()
 
 
-def in_a_photo(raw: bytes, scale: float) -> bytes:
-    """A face crop inside a photo `scale` times its size (the crop in the middle, blurred
-    surroundings): how a face sits in an ordinary upload, rather than cropped already."""
-    face = Image.open(io.BytesIO(raw)).convert("L")
-    w, h = face.size
-    photo = Image.new("L", (int(w * scale), int(h * scale)), 128)
-    at = ((photo.width - w) // 2, (photo.height - h) // 2)
-    photo.paste(face, at)
-    blurred = photo.filter(ImageFilter.GaussianBlur(w / 16))
-    mask = Image.new("L", photo.size, 0)
-    mask.paste(255, (at[0] + w // 20, at[1] + h // 20, at[0] + w * 19 // 20, at[1] + h * 19 // 20))
-    photo = Image.composite(photo, blurred, mask.filter(ImageFilter.GaussianBlur(w / 32)))
-    buf = io.BytesIO()
-    photo.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
 def accuracy(url: str, samples: Path, edges: tuple[int, ...], scale: float = 1.0) -> dict:
     """Per-head accuracy of the served model on UTKFace JPEGs (labels from the file names), as
     they are (scale 1) or each inside a photo `scale` times its size."""
@@ -159,7 +142,7 @@ def accuracy(url: str, samples: Path, edges: tuple[int, ...], scale: float = 1.0
             batch = files[start : start + 16]
             raws = [f.read_bytes() for f in batch]
             if scale != 1:
-                raws = [in_a_photo(raw, scale) for raw in raws]
+                raws = [evaluate.in_a_photo(raw, scale) for raw in raws]
             r = client.post(
                 "/predict",
                 files=[("files", (f.name, raw)) for f, raw in zip(batch, raws, strict=True)],
@@ -173,8 +156,8 @@ def accuracy(url: str, samples: Path, edges: tuple[int, ...], scale: float = 1.0
                     "gender": names["gender"][gender],
                 }
                 detected += p["face_detected"]
-                for head in labels.HEADS:
-                    hits[head] += p[head]["label"] == truth[head]
+                for head in labels.HEADS:  # no face found: no answer, counted as wrong
+                    hits[head] += p[head] is not None and p[head]["label"] == truth[head]
     out = {head: hits[head] / len(files) for head in labels.HEADS}
     return out | {"images": len(files), "faces_detected": detected / len(files), "scale": scale}
 
@@ -206,7 +189,7 @@ def main() -> None:
     require_champion(settings)
     samples = args.samples if args.samples.is_dir() else None
     photo = jpeg_200(next(iter(sorted(samples.glob("*.jpg")))) if samples else None)
-    face = preprocess.face_from_image(preprocess.open_image(photo, settings.max_pixels)).pixels
+    face = faces.face_from_upload(photo, settings.max_pixels, settings.min_face).pixels
     mlflow_body = json.dumps({"inputs": face[None].tolist()})
     # mlflow models serve execs `uvicorn` by name: the venv's bin must be on PATH.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

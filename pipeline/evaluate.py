@@ -18,7 +18,7 @@ from PIL import Image, ImageFilter
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
-from pipeline import data, labels, preprocess, tracking
+from pipeline import data, faces, labels, preprocess, tracking
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
@@ -71,21 +71,25 @@ def read_photos(folder: Path) -> Photos:
 
 
 def in_a_photo(raw: bytes, scale: float, surround: str = "blur") -> bytes:
-    """The photo in the middle of one `scale` times its size, as a JPEG: the surroundings a
-    blurred, stretched copy of it, or (mean) the mean colour of its border."""
+    """The photo in the middle of one `scale` times its size, as a JPEG. Surroundings: the mean
+    colour of its border (mean), or (blur, as bench-serve has it) that canvas with the photo on it
+    blurred, the sharp photo blended back in with a soft edge."""
     if surround not in SURROUNDS:
         raise EvaluateError(f"unknown surround {surround!r}; expected one of {SURROUNDS}")
     with Image.open(io.BytesIO(raw)) as opened:
         face = opened.convert("RGB")
     w, h = face.size
-    size = (round(w * scale), round(h * scale))
+    pixels = np.asarray(face, dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).mean(axis=0)
+    photo = Image.new("RGB", (round(w * scale), round(h * scale)), tuple(int(v) for v in border))
+    at = ((photo.width - w) // 2, (photo.height - h) // 2)
+    photo.paste(face, at)
     if surround == "blur":
-        photo = face.resize(size, Image.BILINEAR).filter(ImageFilter.GaussianBlur(w / 8))
-    else:
-        pixels = np.asarray(face, dtype=np.float64)
-        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-        photo = Image.new("RGB", size, tuple(int(v) for v in border.mean(axis=0).round()))
-    photo.paste(face, ((size[0] - w) // 2, (size[1] - h) // 2))
+        blurred = photo.filter(ImageFilter.GaussianBlur(w / 16))
+        mask = Image.new("L", photo.size, 0)
+        inner = (at[0] + w // 20, at[1] + h // 20, at[0] + w * 19 // 20, at[1] + h * 19 // 20)
+        mask.paste(255, inner)
+        photo = Image.composite(photo, blurred, mask.filter(ImageFilter.GaussianBlur(w / 32)))
     out = io.BytesIO()
     photo.save(out, format="JPEG", quality=95)
     return out.getvalue()
@@ -96,10 +100,10 @@ def dataset_faces(photos: Photos) -> np.ndarray:
     return np.stack([preprocess.load_gray48(io.BytesIO(raw)) for raw in photos.raws])
 
 
-def served_faces(raws: list[bytes], settings: Settings, desc: str) -> list[preprocess.Face]:
+def served_faces(raws: list[bytes], settings: Settings, desc: str) -> list[faces.Face]:
     """Each photo through the service's preprocessing, with the service's settings."""
     return [
-        preprocess.face_from_upload(raw, settings.max_pixels, settings.min_face)
+        faces.face_from_upload(raw, settings.max_pixels, settings.min_face)
         for raw in tqdm(raws, desc=desc, unit="photo", leave=False)
     ]
 
@@ -162,15 +166,15 @@ def run(
             photos.raws if context == 1 else [in_a_photo(r, context, surround) for r in photos.raws]
         )
         started = time.perf_counter()
-        faces = served_faces(raws, settings, f"context {context:g}")
+        cut = served_faces(raws, settings, f"context {context:g}")
         ms = 1000 * (time.perf_counter() - started) / len(raws)
-        answered = np.array([f.answered for f in faces])
-        pixels = np.stack([f.pixels for f in faces])
+        answered = np.array([f.answered for f in cut])
+        pixels = np.stack([f.pixels for f in cut])
         served = scores(predict(model, pixels, answered), truth)
         rows.append(
             {
                 "context": context,
-                "found": float(np.mean([f.box is not None for f in faces])),
+                "found": float(np.mean([f.box is not None for f in cut])),
                 "answered": float(answered.mean()),
                 "preprocess_ms": ms,
                 **{f"served_{k}": v for k, v in served.items()},

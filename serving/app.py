@@ -16,7 +16,8 @@ from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, Uplo
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from pipeline import labels, preprocess
+from pipeline import faces as face_crop
+from pipeline import labels
 from pipeline.config import Settings
 from serving import schemas
 from serving.batcher import Batcher
@@ -161,16 +162,21 @@ def _routes(app: FastAPI) -> None:
         raws = [await _read_limited(u, settings.max_file_bytes) for u in uploads]
         names = [u.filename or f"file{i}" for i, u in enumerate(uploads)]
         faces = await run_in_threadpool(_faces, raws, names, settings)
-        # All of this request's faces in one pass, shared with whatever other requests wait.
-        probs = await request.app.state.batcher.probabilities(
-            model, np.stack([f.pixels for f in faces])
-        )
+        found = [i for i, face in enumerate(faces) if face.answered]
+        per_face: list[dict[str, np.ndarray] | None] = [None] * len(faces)  # None: no answer
+        if found:
+            # This request's faces in one pass, shared with whatever other requests wait.
+            probs = await request.app.state.batcher.probabilities(
+                model, np.stack([faces[i].pixels for i in found])
+            )
+            for row, i in enumerate(found):
+                per_face[i] = {head: p[row] for head, p in probs.items()}
         request.app.state.metrics.images.observe(len(faces))
         return schemas.PredictResponse(
             model=schemas.ModelRef(name=model.name, version=model.version, alias=model.alias),
             predictions=[
-                _prediction(name, face, {h: p[i] for h, p in probs.items()}, model.classes)
-                for i, (name, face) in enumerate(zip(names, faces, strict=True))
+                _prediction(name, face, probs, model.classes)
+                for name, face, probs in zip(names, faces, per_face, strict=True)
             ],
         )
 
@@ -185,30 +191,33 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return raw
 
 
-def _faces(raws: list[bytes], names: list[str], settings: Settings) -> list[preprocess.Face]:
+def _faces(raws: list[bytes], names: list[str], settings: Settings) -> list[face_crop.Face]:
     faces = []
     for raw, name in zip(raws, names, strict=True):
         try:
-            faces.append(preprocess.face_from_upload(raw, settings.max_pixels, settings.min_face))
-        except preprocess.ImageTooLarge as e:
+            faces.append(face_crop.face_from_upload(raw, settings.max_pixels, settings.min_face))
+        except face_crop.ImageTooLarge as e:
             raise HTTPException(413, f"{name}: {e}") from e
-        except preprocess.ImageError as e:
+        except face_crop.ImageError as e:
             raise HTTPException(
                 415, f"{name}: {e}; expected a JPEG, PNG, WebP, BMP or GIF image"
             ) from e
     return faces
 
 
-def _box(values: tuple[int, int, int, int]) -> schemas.FaceBox:
+def _box(values: tuple[int, int, int, int], angle: float = 0.0) -> schemas.FaceBox:
     x, y, w, h = values
-    return schemas.FaceBox(x=x, y=y, width=w, height=h)
+    return schemas.FaceBox(x=x, y=y, width=w, height=h, angle=round(angle, 2))
 
 
 def _prediction(
-    name: str, face: preprocess.Face, probs: dict[str, np.ndarray], classes: dict[str, list[str]]
+    name: str,
+    face: face_crop.Face,
+    probs: dict[str, np.ndarray] | None,
+    classes: dict[str, list[str]],
 ) -> schemas.ImagePrediction:
-    heads = {}
-    for head in labels.HEADS:
+    heads: dict[str, schemas.HeadPrediction | None] = dict.fromkeys(labels.HEADS)
+    for head in labels.HEADS if probs else ():
         p = probs[head]
         heads[head] = schemas.HeadPrediction(
             label=classes[head][int(p.argmax())],
@@ -218,6 +227,6 @@ def _prediction(
         filename=name,
         face_detected=face.box is not None,
         face_box=_box(face.box) if face.box else None,
-        crop=_box(face.crop),
+        crop=_box(face.crop, face.angle),
         **heads,
     )

@@ -15,18 +15,22 @@ class FaceBox(BaseModel):
     y: int
     width: int
     height: int
+    angle: float = Field(0.0, description="degrees the region is turned about its centre")
 
 
 class ImagePrediction(BaseModel):
     filename: str
-    face_detected: bool = Field(description="false: no face found, the centre square was used")
+    face_detected: bool = Field(description="false: no face found, and no labels are given")
     face_box: FaceBox | None = Field(
         description="the detected face, in the uploaded image's pixels"
     )
-    crop: FaceBox = Field(description="the region resized to 48x48 for the network")
-    age: HeadPrediction
-    ethnicity: HeadPrediction
-    gender: HeadPrediction
+    crop: FaceBox = Field(
+        description="the region cut and resized to 48x48 for the network, aligned on the face's "
+        "landmarks as the training faces were (without a face: the centre square looked at)"
+    )
+    age: HeadPrediction | None = Field(description="null when no face was found")
+    ethnicity: HeadPrediction | None = Field(description="null when no face was found")
+    gender: HeadPrediction | None = Field(description="null when no face was found")
 
 
 class ModelRef(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,21 @@ def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
             "pixels": [" ".join(map(str, row)) for row in pixels],
         }
     )
+
+
+def astronaut_face() -> Image.Image:
+    """A real face that ships with scikit-image (no ../shared data), framed like a UTKFace crop
+    (the region UTKFace's chip rule cuts from the portrait): 200x200 RGB."""
+    from skimage import data as skdata
+
+    face = Image.fromarray(skdata.astronaut()).crop((173, 71, 279, 177))
+    return face.resize((200, 200), Image.BICUBIC)
+
+
+def jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=95)
+    return out.getvalue()
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Settings
-from tests.conftest import REAL_DATA
+from tests.conftest import REAL_DATA, astronaut_face, jpeg
 
 SAMPLES = REAL_DATA / "utkface_sample"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -101,10 +101,10 @@ def test_real_server_answers_the_utkface_sample(server: str) -> None:
             assert r.status_code == 200, r.text
             predictions = r.json()["predictions"]
             assert [p["filename"] for p in predictions] == [f.name for f in batch]
-            answered += len(predictions)
+            answered += sum(p["age"] is not None for p in predictions)
         assert http.get("/health").json()["status"] == "ok"
         assert "faceopt_images_per_request_count" in http.get("/metrics").text
-    assert answered == len(files)
+    assert answered >= 0.99 * len(files)  # aligned face crops are answered
 
 
 @pytest.mark.slow
@@ -113,10 +113,9 @@ def test_browser_uploads_and_sees_predictions(server: str, tmp_path: Path) -> No
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    from tests.test_serving import image_bytes
-
-    photo = tmp_path / "face.jpg"
-    photo.write_bytes(image_bytes())
+    photo, empty = tmp_path / "face.jpg", tmp_path / "wall.png"
+    photo.write_bytes(jpeg(astronaut_face()))
+    Image.new("RGB", (300, 200), (120, 120, 120)).save(empty)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
@@ -135,14 +134,15 @@ def test_browser_uploads_and_sees_predictions(server: str, tmp_path: Path) -> No
             page.wait_for_function(
                 "document.getElementById('model').textContent.includes('version')"
             )
-            page.set_input_files("#files", str(photo))
+            page.set_input_files("#files", [str(photo), str(empty)])
             page.wait_for_selector(".prediction", timeout=30_000)
-            card = page.locator(".prediction").first
+            card, no_face = page.locator(".prediction").all()
             assert "face.jpg" in card.inner_text()
             for head in ("age", "ethnicity", "gender"):
                 label = card.locator(f"[data-head={head}] .label").inner_text()
                 assert label, head
             assert card.locator(".bar").count() == 5 + 5 + 2
+            assert "No face found" in no_face.inner_text() and no_face.locator(".bar").count() == 0
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
             browser.close()
