@@ -94,7 +94,7 @@ def _detector() -> dlib.fhog_object_detector:
     return _local.detector
 
 
-def _landmarks() -> dlib.shape_predictor:
+def landmark_model() -> dlib.shape_predictor:
     global _predictor
     with _predictor_lock:
         if _predictor is None:
@@ -141,12 +141,21 @@ def chip(gray: Image.Image, box: dlib.rectangle) -> tuple[np.ndarray, tuple[int,
     """The UTKFace-style chip of the face in `box` as 48x48 pixels, the square it was cut from
     (in `gray`'s pixels) and that square's turn in degrees."""
     scale = min(1.0, WORK_FACE / max(box.width(), 1))
-    work = _scaled(gray, scale)
+    # Edge pixels repeated around the photo: where the chip reaches past it (a tight crop, a face
+    # at the border) it gets the photo's own edge, not black (UTKFace cut from larger photos).
+    margin = round(box.width() * scale / 2)
+    work = np.pad(_scaled(gray, scale), margin, mode="edge")
     corners = (box.left(), box.top(), box.right(), box.bottom())
-    shape = _landmarks()(work, dlib.rectangle(*(round(v * scale) for v in corners)))
+    shape = landmark_model()(work, dlib.rectangle(*(round(v * scale) + margin for v in corners)))
     pixels = dlib.get_face_chip(work, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
     cut = dlib.get_face_chip_details(shape, size=CHIP_SIZE, padding=CHIP_PADDING)
-    square = tuple(round(v / scale) for v in _box(cut.rect))
+    x, y, w, h = _box(cut.rect)
+    square = (
+        round((x - margin) / scale),
+        round((y - margin) / scale),
+        round(w / scale),
+        round(h / scale),
+    )
     return preprocess.to_gray48(Image.fromarray(pixels)), square, float(np.degrees(cut.angle))
 
 

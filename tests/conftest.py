@@ -39,12 +39,17 @@ def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
 
 
 def astronaut_face() -> Image.Image:
-    """A real face that ships with scikit-image (no ../shared data), framed like a UTKFace crop
-    (the region UTKFace's chip rule cuts from the portrait): 200x200 RGB."""
+    """A real face that ships with scikit-image (no ../shared data), cut from its portrait the way
+    UTKFace's crops were (68 landmarks, dlib face chip, 200x200 RGB)."""
+    import dlib
     from skimage import data as skdata
 
-    face = Image.fromarray(skdata.astronaut()).crop((173, 71, 279, 177))
-    return face.resize((200, 200), Image.BICUBIC)
+    from pipeline import faces
+
+    rgb = skdata.astronaut()
+    shape = faces.landmark_model()(rgb, faces.detect(Image.fromarray(rgb).convert("L")))
+    chip = dlib.get_face_chip(rgb, shape, size=faces.CHIP_SIZE, padding=faces.CHIP_PADDING)
+    return Image.fromarray(chip)
 
 
 def jpeg(image: Image.Image) -> bytes:
