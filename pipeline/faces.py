@@ -29,7 +29,6 @@ CHIP_PADDING = 0.2
 # cheaper pass looks only for faces of at least COARSE (portraits, selfies, face crops).
 WINDOW = 80
 COARSE = 0.4
-MIN_FACE = 0.15
 # Detection scores above this count as faces. Fitted on the 299 sample crops (rows of the CSV) and
 # on scikit-image's 23 bundled pictures without people: at -0.4 every crop is found and none of
 # those pictures (their highest: -0.56, the motorcycles); at 0 six crops are missed.
@@ -111,7 +110,7 @@ def _scaled(gray: Image.Image, scale: float) -> np.ndarray:
     return np.asarray(gray.resize(size, Image.BILINEAR))
 
 
-def detect(gray: Image.Image, min_face: float = MIN_FACE) -> dlib.rectangle | None:
+def detect(gray: Image.Image, min_face: float) -> dlib.rectangle | None:
     """The surest face (highest detection score) of at least `min_face` of the shorter side, in
     `gray`'s pixels, or None. The surest rather than the largest: a weak, large false detection
     (a patch on a spacesuit) must not win over the face."""
@@ -159,7 +158,7 @@ def chip(gray: Image.Image, box: dlib.rectangle) -> tuple[np.ndarray, tuple[int,
     return preprocess.to_gray48(Image.fromarray(pixels)), square, float(np.degrees(cut.angle))
 
 
-def face_from_image(image: Image.Image, min_face: float = MIN_FACE) -> Face:
+def face_from_image(image: Image.Image, min_face: float) -> Face:
     """Grayscale, find the face and cut it as UTKFace did; without a face, no answer (the centre
     square is kept only to show what was looked at)."""
     gray = image.convert("L")
@@ -173,6 +172,6 @@ def face_from_image(image: Image.Image, min_face: float = MIN_FACE) -> Face:
     return Face(pixels, _box(box), square, angle)
 
 
-def face_from_upload(raw: bytes, max_pixels: int, min_face: float = MIN_FACE) -> Face:
+def face_from_upload(raw: bytes, max_pixels: int, min_face: float) -> Face:
     """What the service does with one uploaded file: decode, find the face, cut it, 48x48."""
     return face_from_image(open_image(raw, max_pixels), min_face)

@@ -47,7 +47,7 @@ def astronaut_face() -> Image.Image:
     from pipeline import faces
 
     rgb = skdata.astronaut()
-    shape = faces.landmark_model()(rgb, faces.detect(Image.fromarray(rgb).convert("L")))
+    shape = faces.landmark_model()(rgb, faces.detect(Image.fromarray(rgb).convert("L"), 0.15))
     chip = dlib.get_face_chip(rgb, shape, size=faces.CHIP_SIZE, padding=faces.CHIP_PADDING)
     return Image.fromarray(chip)
 

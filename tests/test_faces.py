@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from pipeline import faces, preprocess
+from pipeline.config import Settings
 from tests.conftest import astronaut_face
 
+MIN_FACE = Settings().min_face
 # scikit-image's bundled pictures without a person in them.
 NO_PEOPLE = [
     "brick.png",
@@ -70,18 +72,20 @@ def test_photos_without_a_face_get_no_answer() -> None:
             picture.crop((w // 4, h // 4, w * 3 // 4, h * 3 // 4)),
         ]
     _, patches = lfw_subset()
-    answered = [faces.face_from_image(image).answered for image in pictures + crops + patches]
+    answered = [
+        faces.face_from_image(image, MIN_FACE).answered for image in pictures + crops + patches
+    ]
     assert len(answered) == 24 + 120 + 100
     assert np.mean(answered) <= 0.05
 
 
 def test_faces_are_found_even_small_and_blurred() -> None:
     found, _ = lfw_subset()
-    assert np.mean([faces.face_from_image(image).answered for image in found]) >= 0.9
+    assert np.mean([faces.face_from_image(image, MIN_FACE).answered for image in found]) >= 0.9
     # The astronaut portrait: the face is 17% of the side, found at the default min_face.
     from skimage import data as skdata
 
-    portrait = faces.face_from_image(Image.fromarray(skdata.astronaut()))
+    portrait = faces.face_from_image(Image.fromarray(skdata.astronaut()), MIN_FACE)
     assert portrait.answered and 160 < portrait.box[0] < 200 and 60 < portrait.box[1] < 100
     assert not faces.face_from_image(Image.fromarray(skdata.astronaut()), min_face=0.3).answered
 
@@ -89,7 +93,7 @@ def test_faces_are_found_even_small_and_blurred() -> None:
 def test_an_aligned_crop_comes_back_as_the_dataset_made_it() -> None:
     """Parity by construction: a UTKFace-framed crop is cut again into (nearly) the same face."""
     face = astronaut_face()
-    cut = faces.face_from_image(face)
+    cut = faces.face_from_image(face, MIN_FACE)
     assert cut.answered
     whole = preprocess.to_gray48(face).astype(float)
     assert np.abs(cut.pixels.astype(float) - whole).mean() < 3
