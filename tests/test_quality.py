@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from pipeline import augment, calibrate, labels, model, space, tracking, train, train_best
 from pipeline.config import PRESETS, Settings
 from serving.app import create_app
-from tests.test_serving import image_bytes, upload
+from tests.conftest import astronaut_face, jpeg
+from tests.test_serving import upload
 
 EDGES = (0, 3, 18, 45, 64, 116)
 
@@ -162,7 +163,7 @@ def test_serving_applies_the_stored_temperatures(registered: Settings, tmp_path:
     with TestClient(create_app(settings)) as c:
 
         def predict() -> dict:
-            r = c.post("/predict", files=[upload("a.jpg", image_bytes())])
+            r = c.post("/predict", files=[upload("a.jpg", jpeg(astronaut_face()))])
             assert r.status_code == 200, r.text
             return r.json()["predictions"][0]
 
