@@ -53,11 +53,7 @@ class FaceSet:
 
     def targets(self, rows: np.ndarray, edges: tuple[int, ...]) -> dict[str, np.ndarray]:
         """The class index of each head for `rows`, age as its bracket."""
-        return {
-            "age": labels.age_bracket(self.age[rows], edges),
-            "ethnicity": self.ethnicity[rows].astype(np.int64),
-            "gender": self.gender[rows].astype(np.int64),
-        }
+        return labels.targets(self.age[rows], self.ethnicity[rows], self.gender[rows], edges)
 
 
 # Part of every split digest: a study made with an earlier way of splitting is refused, not mixed.

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow.tracking import MlflowClient
 from PIL import Image, ImageFilter
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
@@ -42,11 +41,7 @@ class Photos:
     gender: np.ndarray
 
     def truth(self, edges: tuple[int, ...]) -> dict[str, np.ndarray]:
-        return {
-            "age": labels.age_bracket(self.age, edges),
-            "ethnicity": self.ethnicity.astype(np.int64),
-            "gender": self.gender.astype(np.int64),
-        }
+        return labels.targets(self.age, self.ethnicity, self.gender, edges)
 
 
 def read_photos(folder: Path) -> Photos:
@@ -108,9 +103,9 @@ def served_faces(raws: list[bytes], settings: Settings, desc: str) -> list[faces
     ]
 
 
-def predict(model, faces: np.ndarray, answered: np.ndarray) -> dict[str, np.ndarray]:
+def predict(model, pixels: np.ndarray, answered: np.ndarray) -> dict[str, np.ndarray]:
     """Class per head; NO_ANSWER where the service gives no labels."""
-    probs = model.probabilities(faces)
+    probs = model.probabilities(pixels)
     return {head: np.where(answered, p.argmax(1), NO_ANSWER) for head, p in probs.items()}
 
 
@@ -128,7 +123,7 @@ def scores(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[st
 
 def resolve(settings: Settings, version: str):
     """(registered version, its FaceModel) for an alias such as champion, or a version number."""
-    client = MlflowClient(settings.tracking_uri)
+    client = tracking.client_for(settings.tracking_uri)
     name = settings.model_name
     try:
         found = (
@@ -168,14 +163,12 @@ def run(
         started = time.perf_counter()
         cut = served_faces(raws, settings, f"context {context:g}")
         ms = 1000 * (time.perf_counter() - started) / len(raws)
-        answered = np.array([f.answered for f in cut])
-        pixels = np.stack([f.pixels for f in cut])
-        served = scores(predict(model, pixels, answered), truth)
+        answered = np.array([f.answered for f in cut])  # a face was found
+        served = scores(predict(model, np.stack([f.pixels for f in cut]), answered), truth)
         rows.append(
             {
                 "context": context,
-                "found": float(np.mean([f.box is not None for f in cut])),
-                "answered": float(answered.mean()),
+                "found": float(answered.mean()),
                 "preprocess_ms": ms,
                 **{f"served_{k}": v for k, v in served.items()},
             }
@@ -201,16 +194,16 @@ def table(result: dict) -> str:
         f"{result['model']} v{result['version']} on {result['photos']} photos in "
         f"{result['folder']} (surroundings: {result['surround']}, min_face {result['min_face']})",
         "",
-        "| context | faces found | answered | head | served acc | dataset acc | gap (points) "
+        "| context | faces found | head | served acc | dataset acc | gap (points) "
         "| served F1 | dataset F1 | preprocess ms/photo |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     ref = result["dataset"]
     for row in result["contexts"]:
         for head in labels.HEADS:
             served, dataset = row[f"served_{head}_acc"], ref[f"{head}_acc"]
             lines.append(
-                f"| {row['context']:g}x | {row['found']:.1%} | {row['answered']:.1%} | {head} "
+                f"| {row['context']:g}x | {row['found']:.1%} | {head} "
                 f"| {served:.1%} | {dataset:.1%} | {100 * (served - dataset):+.1f} "
                 f"| {row[f'served_{head}_f1']:.3f} | {ref[f'{head}_f1']:.3f} "
                 f"| {row['preprocess_ms']:.1f} |"

@@ -31,3 +31,14 @@ def class_names(edges: tuple[int, ...]) -> dict[str, tuple[str, ...]]:
 
 def num_classes(edges: tuple[int, ...]) -> dict[str, int]:
     return {head: len(names) for head, names in class_names(edges).items()}
+
+
+def targets(
+    age: np.ndarray, ethnicity: np.ndarray, gender: np.ndarray, edges: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """The class index of each head, age as its bracket."""
+    return {
+        "age": age_bracket(age, edges),
+        "ethnicity": np.asarray(ethnicity).astype(np.int64),
+        "gender": np.asarray(gender).astype(np.int64),
+    }
