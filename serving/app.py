@@ -175,8 +175,8 @@ def _routes(app: FastAPI) -> None:
         return schemas.PredictResponse(
             model=schemas.ModelRef(name=model.name, version=model.version, alias=model.alias),
             predictions=[
-                _prediction(name, face, probs, model.classes)
-                for name, face, probs in zip(names, faces, per_face, strict=True)
+                _prediction(name, face, face_probs, model.classes)
+                for name, face, face_probs in zip(names, faces, per_face, strict=True)
             ],
         )
 
@@ -216,13 +216,15 @@ def _prediction(
     probs: dict[str, np.ndarray] | None,
     classes: dict[str, list[str]],
 ) -> schemas.ImagePrediction:
-    heads: dict[str, schemas.HeadPrediction | None] = dict.fromkeys(labels.HEADS)
-    for head in labels.HEADS if probs else ():
-        p = probs[head]
-        heads[head] = schemas.HeadPrediction(
-            label=classes[head][int(p.argmax())],
-            probabilities={c: round(float(v), 6) for c, v in zip(classes[head], p, strict=True)},
-        )
+    heads: dict[str, schemas.HeadPrediction | None] = dict.fromkeys(labels.HEADS)  # no face
+    if probs is not None:
+        for head, p in probs.items():
+            heads[head] = schemas.HeadPrediction(
+                label=classes[head][int(p.argmax())],
+                probabilities={
+                    c: round(float(v), 6) for c, v in zip(classes[head], p, strict=True)
+                },
+            )
     return schemas.ImagePrediction(
         filename=name,
         face_detected=face.box is not None,
