@@ -144,7 +144,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline import evaluate
 
     photos, version, surround = args.photos, args.version, args.surround
-    contexts = tuple(float(c) for c in args.context.split(","))
+    try:
+        contexts = tuple(float(c) for c in args.context.split(","))
+    except ValueError:
+        contexts = (0.0,)  # not numbers: the same message as a size under 1
     if any(c < 1 for c in contexts):
         raise ValueError(
             f"--context takes sizes of 1 or more (the photo's side over the face's), got {args.context}"

@@ -444,7 +444,7 @@ def split(
     )
     rows = np.flatnonzero(keep)
     ids, first = np.unique(group[rows], return_index=True)  # each kept group and its first row
-    sizes = np.bincount(group[rows], minlength=len(np.bincount(group)))[ids]
+    sizes = np.bincount(group[rows], minlength=group.max() + 1)[ids]
     group_strata = strata[rows[first]]
     rng = np.random.default_rng(seed)
     part_of = np.full(group.max() + 1, -1)  # 0 test, 1 validation, 2 train

@@ -5,7 +5,6 @@ and nothing is posted: each photo goes through the service's own preprocessing f
 from __future__ import annotations
 
 import io
-import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from tqdm.auto import tqdm
 
 from pipeline import data, faces, labels, preprocess, tracking
 from pipeline.config import Settings
-
-log = logging.getLogger(__name__)
 
 SURROUNDS = ("blur", "mean")
 NO_ANSWER = -1  # the prediction recorded for a photo the service gives no labels for

@@ -3,10 +3,10 @@
 UTKFace's aligned crops (the `.chip.jpg` files the CSV was made from) are dlib face chips: 68
 landmarks, `get_face_chip(size=200, padding=0.2)`. Re-chipping the 299 sample crops that way gives
 back the original to a median 2.5 gray levels in 48x48 (padding 0.15: 15, 0.25: 26); 5-landmark
-chips are 15 off. So the service does what the dataset did: dlib's HOG detector finds the face,
-the 68-landmark model places it, and the chip is cut, rotated and scaled exactly as UTKFace's were,
-then resized to 48x48 as the CSV was. A photo that is already such a crop comes back nearly
-unchanged; a face inside a larger photo comes out as if UTKFace had cropped it.
+chips are 15 off (python -m bench.chips). So the service does what the dataset did: dlib's HOG
+detector finds the face, the 68-landmark model places it, and the chip is cut, rotated and scaled
+exactly as UTKFace's were, then resized to 48x48 as the CSV was. A photo that is already such a
+crop comes back nearly unchanged; a face inside a larger photo comes out as if UTKFace had cut it.
 """
 
 from __future__ import annotations
