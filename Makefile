@@ -15,6 +15,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 	$(call flag,EPOCHS,epochs) $(call flag,SPACE,space) $(call flag,METRIC,metric) \
 	$(call flag,SAMPLER,sampler) $(call flag,SAMPLER_ARGS,sampler-args) \
 	$(call flag,PRUNER,pruner) $(call flag,N_JOBS,n-jobs) $(call flag,WORKERS,workers) \
+	$(call flag,PRECISION,precision) \
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
 
 # A variable, because a comma inside $(or ...) would split its arguments.
@@ -25,7 +26,7 @@ ALL_SAMPLERS := random,tpe,skopt,gp
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
-	@echo "  variables: PRESET(cpu|gpu) DATA STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE"
+	@echo "  variables: PRESET(cpu|gpu) DATA STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION"
 
 setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
 
@@ -62,7 +63,7 @@ mlflow-server: setup ## MLflow tracking server: PostgreSQL backend store, served
 
 train-best: setup ## retrain the best trial, report on the test split, register (STUDY TRAIN_EPOCHS PROMOTE=1)
 	$(FACEOPT) train-best $(STUDY_FLAGS) $(call flag,TRAIN_EPOCHS,epochs) $(call flag,PATIENCE,patience) \
-		$(call flag,MODEL_NAME,model-name) $(if $(PROMOTE),--promote)
+		$(call flag,MODEL_NAME,model-name) $(call flag,PRECISION,precision) $(if $(PROMOTE),--promote)
 
 evaluate: setup ## a version (VERSION=champion) on labelled photos through the service's crop (PHOTOS= CONTEXT=1,2,3)
 	@test -n "$(PHOTOS)" || { echo "make evaluate needs PHOTOS=/path/to/folder of UTKFace-named photos (<age>_<gender>_<race>_<datetime>.jpg), e.g. PHOTOS=../shared/data/utkface_photos"; exit 2; }

@@ -3,7 +3,9 @@ against a baseline measured in the same run. Prints a markdown table and writes 
 bench/results/.
 
 1. data load: first load of the CSV.gz (decode) against the cached load;
-2. training throughput: our in-memory loop against a plain DataLoader(TensorDataset) loop;
+2. training throughput: our in-memory loop against a plain DataLoader(TensorDataset) loop (mlp);
+   the cnn-cpu reference network in fp32 against this machine's default precision, speed and
+   validation accuracy; where CUDA is present, both loops on the GPU and train-best's AMP path;
 3. MLflow logging overhead: trial wall time with and without our trial logger;
 4. cost growth: trial time at 25%, 50%, 100% of the training data, and a tuning run's peak memory;
 5. workers: finished trials per minute with 1 and with 2 worker processes, same budget.
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,7 @@ import optuna
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline import data, labels, model, train, tune
+from pipeline import augment, data, labels, model, train, tune
 from pipeline.config import Settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,6 +48,32 @@ PARAMS = {
     **{f"fc_output_feat_{i}": 48 for i in range(6)},
     **{f"fc_dropout_{i}": 0.2 for i in range(6)},
 }
+# The CPU preset's best network of the README (width 32, 3 stages of 2 residual blocks, AdamW
+# lr 0.012 one-cycle, batch 64); the recipe's other values fixed mid-range.
+CNN = {
+    "arch": "cnn",
+    "width": 32,
+    "stages": 3,
+    "blocks": 2,
+    "block": "residual",
+    "stem_pool": True,
+    "dropout": 0.2,
+    "last_fc": 128,
+    "flip": True,
+    "shift": 2,
+    "rotate": 5.0,
+    "jitter": 0.1,
+    "label_smoothing": 0.1,
+    "weight_decay": 1e-3,
+    "schedule": "onecycle",
+    "loss_weight_age": 1.0,
+    "loss_weight_ethnicity": 1.0,
+    "loss_weight_gender": 1.0,
+    "optimizer": "AdamW",
+    "lr": 0.012,
+    "batch_size": 64,
+}
+CPU = torch.device("cpu")
 Row = tuple[str, str, str]
 
 
@@ -75,76 +104,194 @@ def bench_load(path: Path, repeats: int) -> list[Row]:
     ]
 
 
-def _sets(faces: data.FaceSet, fraction: float = 1.0) -> tuple[train.Tensors, train.Tensors]:
+def _sets(
+    faces: data.FaceSet, fraction: float = 1.0, device: torch.device = CPU
+) -> tuple[train.Tensors, train.Tensors]:
     split = data.split(faces, EDGES, 42, 0.2, 0.2)
     rows = split.train[: int(len(split.train) * fraction)]
-    cpu = torch.device("cpu")
-    return train.to_tensors(faces, rows, EDGES, cpu), train.to_tensors(faces, split.val, EDGES, cpu)
+    return (
+        train.to_tensors(faces, rows, EDGES, device),
+        train.to_tensors(faces, split.val, EDGES, device),
+    )
 
 
-def _dataloader_epoch(net, optimizer, tensors: train.Tensors) -> None:
-    """The textbook loop: per-sample indexing and collation by DataLoader."""
-    dataset = TensorDataset(tensors.x, *(tensors.y[h] for h in labels.HEADS))
+def _dataloader_epoch(net, optimizer, tensors: train.Tensors, batch_size: int) -> None:
+    """The textbook loop: per-sample indexing and collation by DataLoader from host memory, each
+    batch then copied to the network's device."""
+    device = next(net.parameters()).device
+    dataset = TensorDataset(tensors.x.cpu(), *(tensors.y[h].cpu() for h in labels.HEADS))
     net.train()
-    for x, *ys in DataLoader(dataset, batch_size=PARAMS["batch_size"], shuffle=True):
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, pin_memory=device.type == "cuda"
+    )
+    for x, *ys in loader:
+        x, ys = x.to(device, non_blocking=True), [y.to(device, non_blocking=True) for y in ys]
         loss = train.multitask_loss(net(x), dict(zip(labels.HEADS, ys, strict=True)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
 
-def bench_training(faces: data.FaceSet, repeats: int, epochs: int = 2) -> list[Row]:
-    train_set, _ = _sets(faces)
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """fn, then wait for the GPU: its kernels run asynchronously."""
+
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def bench_training(
+    faces: data.FaceSet,
+    repeats: int,
+    params: dict = PARAMS,
+    name: str = "mlp",
+    device: torch.device = CPU,
+    epochs: int = 2,
+) -> list[Row]:
+    """Our loop against a DataLoader loop, both fp32, and the model's step alone as a ceiling."""
+    train_set, _ = _sets(faces, device=device)
     classes = labels.num_classes(EDGES)
+    batch = params["batch_size"]
+    where = f"{name}, batch {batch}" + (f", {device.type}" if device.type != "cpu" else "")
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        net = model.build(params, classes).to(device)
+        return net, train.make_optimizer(params["optimizer"], net.parameters(), params["lr"])
 
     def ours() -> None:
-        net = model.build(PARAMS, classes)
-        opt = train.make_optimizer("Adam", net.parameters(), PARAMS["lr"])
+        net, opt = build()
         gen = torch.Generator().manual_seed(0)
         for _ in range(epochs):
-            train.train_epoch(net, opt, train_set, PARAMS["batch_size"], gen)
+            train.train_epoch(net, opt, train_set, batch, gen)
 
     def plain() -> None:
-        net = model.build(PARAMS, classes)
-        opt = torch.optim.Adam(net.parameters(), lr=PARAMS["lr"])  # the textbook optimizer too
+        net, _ = build()
+        opt = getattr(torch.optim, params["optimizer"])(net.parameters(), lr=params["lr"])
         for _ in range(epochs):
-            _dataloader_epoch(net, opt, train_set)
+            _dataloader_epoch(net, opt, train_set, batch)
 
     def model_only() -> None:
         """The same number of steps on one batch that never moves: the model's own forward,
         backward and (fused) optimizer step, which no data loading can go below."""
-        net = model.build(PARAMS, classes)
-        opt = train.make_optimizer("Adam", net.parameters(), PARAMS["lr"])
-        x, ys = train_set.x[:64], {h: y[:64] for h, y in train_set.y.items()}
+        net, opt = build()
+        x, ys = train_set.x[:batch], {h: y[:batch] for h, y in train_set.y.items()}
         net.train()
-        for _ in range(epochs * math.ceil(len(train_set) / PARAMS["batch_size"])):
+        for _ in range(epochs * math.ceil(len(train_set) / batch)):
             loss = train.multitask_loss(net(x), ys)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
     samples = len(train_set) * epochs
-    ours_rate = [samples / t for t in timed(ours, repeats)]
-    plain_rate = [samples / t for t in timed(plain, repeats)]
-    ceiling_rate = [samples / t for t in timed(model_only, repeats)]
+    ours_rate = [samples / t for t in timed(_synced(ours, device), repeats)]
+    plain_rate = [samples / t for t in timed(_synced(plain, device), repeats)]
+    ceiling_rate = [samples / t for t in timed(_synced(model_only, device), repeats)]
     base = statistics.median(plain_rate)
     return [
         (
-            "training: DataLoader(TensorDataset) + Adam, batch 64",
+            f"training ({where}): DataLoader(TensorDataset) + {params['optimizer']}",
             fmt(plain_rate, "samples/s", 0),
             "baseline",
         ),
         (
-            "training: our loop (in-memory batches, fused Adam), batch 64",
+            f"training ({where}): our loop (in-memory batches, fused optimizer)",
             fmt(ours_rate, "samples/s", 0),
             f"{statistics.median(ours_rate) / base:.1f}x faster",
         ),
         (
-            "training: the model's step alone, no data movement (ceiling of any loop)",
+            f"training ({where}): the model's step alone, no data movement (ceiling of any loop)",
             fmt(ceiling_rate, "samples/s", 0),
             f"{statistics.median(ceiling_rate) / base:.1f}x faster",
         ),
     ]
+
+
+def bench_cnn_precision(
+    faces: data.FaceSet, repeats: int, quality_epochs: int = 3, speed_rows: int = 3000
+) -> list[Row]:
+    """The cnn-cpu reference network in fp32 against the default precision of this machine:
+    training samples/s (one epoch of `speed_rows` faces per repeat, the two interleaved so
+    machine noise hits both alike), and validation mean accuracy (fp32 evaluation, as served)
+    after `quality_epochs` on the whole training split, same seed."""
+    train_set, val_set = _sets(faces)
+    default = train.select_precision(CPU)
+    variants = {"fp32": train.FP32, f"default ({default.name}, channels-last)": default}
+    classes = labels.num_classes(EDGES)
+    recipe = train.Recipe(train.Loss.from_params(CNN), augment.Policy.from_params(CNN))
+    subset = train.Tensors(
+        train_set.x[:speed_rows], {h: y[:speed_rows] for h, y in train_set.y.items()}
+    )
+
+    def one_epoch(precision: train.Precision) -> float:
+        train.seed_everything(0)
+        net = model.build(CNN, classes)
+        opt = train.make_optimizer(CNN["optimizer"], net.parameters(), CNN["lr"])
+        gen = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        train.train_epoch(net, opt, subset, CNN["batch_size"], gen, precision, recipe)
+        return len(subset) / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, precision in variants.items():
+            rates[name].append(one_epoch(precision))
+    accuracy = {}
+    for name, precision in variants.items():
+        train.seed_everything(0)
+        net = model.build(CNN, classes)
+        train.fit(net, CNN, train_set, val_set, quality_epochs, 0, precision=precision)
+        accuracy[name] = train.evaluate(net, val_set)["val_mean_acc"]
+    rows = []
+    base_rate, base_acc = statistics.median(rates["fp32"]), accuracy["fp32"]
+    for name in variants:
+        speedup = statistics.median(rates[name]) / base_rate
+        rows.append(
+            (
+                f"training (cnn-cpu reference, batch 64): {name}",
+                fmt(rates[name], "samples/s", 0),
+                "baseline" if name == "fp32" else f"{speedup:.2f}x the samples/s",
+            )
+        )
+    for name in variants:
+        delta = 100 * (accuracy[name] - base_acc)
+        rows.append(
+            (
+                f"validation mean accuracy after {quality_epochs} epochs (cnn-cpu reference, "
+                f"seed 0): {name}",
+                f"{accuracy[name]:.4f}",
+                "baseline" if name == "fp32" else f"{delta:+.2f} points",
+            )
+        )
+    return rows
+
+
+def bench_gpu(faces: data.FaceSet, repeats: int, epochs: int = 2) -> list[Row]:
+    """Where CUDA is present: our loop against the DataLoader loop for the mlp and the cnn
+    reference, and train-best's mixed-precision path (two epochs of train.fit)."""
+    cuda = torch.device("cuda")
+    rows = bench_training(faces, repeats, PARAMS, "mlp", cuda)
+    rows += bench_training(faces, repeats, CNN, "cnn-cpu reference", cuda)
+    train_set, val_set = _sets(faces, device=cuda)
+    precision = train.select_precision(cuda)
+    times = []
+    for _ in range(repeats):
+        train.seed_everything(0)
+        net = model.build(CNN, labels.num_classes(EDGES)).to(cuda)
+        fit = partial(train.fit, net, CNN, train_set, val_set, epochs, 0, precision=precision)
+        times += timed(_synced(fit, cuda), 1)
+    rate = [len(train_set) * epochs / t for t in times]
+    rows.append(
+        (
+            f"train-best's path on {torch.cuda.get_device_name()} ({precision.name}, "
+            f"{epochs} epochs with validation, cnn-cpu reference)",
+            fmt(rate, "samples/s", 0),
+            "-",
+        )
+    )
+    return rows
 
 
 class _NoLogger:
@@ -236,7 +383,7 @@ def _tune_cmd(
         "--n-trials",
         str(n_trials),
         "--epochs",
-        "3",
+        str(epochs),
         "--sampler",
         "random",
         "--pruner",
@@ -301,6 +448,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         faces = data.load(args.data, Path(tmp) / "cache")
         rows += bench_training(faces, args.repeats)
+        rows += bench_cnn_precision(faces, args.repeats)
+        if torch.cuda.is_available():
+            rows += bench_gpu(faces, args.repeats)
         rows += bench_mlflow(faces, args.repeats, Path(tmp))
         rows += bench_growth(faces, args.repeats, Path(tmp))
         rows += bench_tuning(args.data, max(2, args.repeats - 1), Path(tmp))

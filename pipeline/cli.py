@@ -51,6 +51,10 @@ TUNE = {
     "--workers": ("workers", str, "worker processes on the study (auto: one per GPU)"),
 }
 
+# flags of every command that trains
+TRAINING = {
+    "--precision": ("precision", str, "auto, fp32, bf16 or fp16: training's autocast precision"),
+}
 TRAIN_BEST = {
     "--epochs": ("train_epochs", int, "most epochs to train (early stopping may end sooner)"),
     "--patience": ("patience", int, "epochs without a better validation metric before stopping"),
@@ -283,6 +287,7 @@ def parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="run (or resume) an Optuna study, logging to MLflow")
     _add(tune, COMMON)
     _add(tune, TUNE)
+    _add(tune, TRAINING)
     tune.add_argument(
         "--skip-bad-rows",
         dest="skip_bad_rows",
@@ -297,6 +302,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _add(worker, COMMON)
     _add(worker, TUNE)
+    _add(worker, TRAINING)
     worker.add_argument(
         "--until",
         type=int,
@@ -310,6 +316,7 @@ def parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare-samplers", help="one study per sampler and seed, compared")
     _add(cmp, COMMON)
     _add(cmp, TUNE)
+    _add(cmp, TRAINING)
     cmp.add_argument("--samplers", default="random,tpe,skopt,gp")
     cmp.add_argument("--seeds", type=int, default=3)
     cmp.add_argument("--prefix", default="compare", help="study names: <prefix>-<sampler>-s<k>")
@@ -323,6 +330,7 @@ def parser() -> argparse.ArgumentParser:
     best = sub.add_parser("train-best", help="retrain the best trial, test it, register it")
     _add(best, COMMON)
     _add(best, TRAIN_BEST)
+    _add(best, TRAINING)
     best.add_argument("--promote", action="store_true", help="make it champion even if worse")
     best.set_defaults(func=cmd_train_best)
 

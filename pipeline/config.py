@@ -13,6 +13,7 @@ SamplerName = Literal["tpe", "random", "skopt", "gp", "cmaes", "qmc"]
 PrunerName = Literal["median", "hyperband", "successive-halving", "percentile", "none"]
 SpaceName = Literal["mlp", "cnn", "cnn-cpu"]
 PresetName = Literal["cpu", "gpu"]
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 
 # Defaults a preset brings; anything set explicitly (flag or environment) still wins.
 PRESETS: dict[str, dict] = {
@@ -77,6 +78,9 @@ class Settings(BaseSettings):
     grace_period: int = Field(30, ge=1)  # a trial without a heartbeat this long is failed...
     max_retry: int = Field(2, ge=0)  # ...and queued again, at most this many times
     seed: int = 42
+    # Training's autocast precision; auto: bf16 on GPUs that have it (else fp16) and on CPUs
+    # with native bf16, else fp32. Weights are kept, stored and served in fp32.
+    precision: PrecisionName = "auto"
     split_seed: int | None = None  # the split's own seed when it must not follow `seed`
 
     train_epochs: int = Field(50, ge=1)  # train-best: the most epochs; early stopping ends sooner

@@ -19,12 +19,17 @@ from pipeline import calibrate, labels, model, preprocess
 
 
 def metadata(
-    params: dict, edges: tuple[int, ...], temperatures: dict[str, float] | None = None
+    params: dict,
+    edges: tuple[int, ...],
+    temperatures: dict[str, float] | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Everything serving needs to rebuild the network and reproduce preprocessing, labels and
-    calibrated probabilities (softmax of logits / temperature, per head)."""
+    calibrated probabilities (softmax of logits / temperature, per head). `precision` is what
+    trained the weights; they are stored and run in fp32."""
     return {
         "params": params,
+        "trained_precision": precision,
         "age_edges": list(edges),
         "temperatures": {head: 1.0 for head in labels.HEADS} | (temperatures or {}),
         "classes": {head: list(names) for head, names in labels.class_names(edges).items()},

@@ -7,6 +7,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,11 +56,36 @@ class Precision:
 FP32 = Precision()
 
 
-def select_precision(device: torch.device) -> Precision:
-    """Mixed precision on CUDA: bf16 where supported (Ampere and later), else fp16; fp32 elsewhere."""
-    if device.type != "cuda":
-        return FP32
-    return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 in hardware (x86 AVX-512 BF16 or AMX, Arm BF16). Without it
+    oneDNN emulates bf16 and autocast is slower than fp32."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, so fp32
+        return False
+    flags = set(info.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def select_precision(device: torch.device, choice: str = "auto") -> Precision:
+    """The autocast precision for `device`: `choice` fp32, bf16 or fp16 forces one; auto takes
+    bf16 on CUDA where supported (Ampere and later), else fp16, bf16 on a CPU with native bf16,
+    else fp32. Weights stay fp32 whatever the choice (autocast casts per op)."""
+    if choice == "auto":
+        if device.type == "cuda":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            choice = "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
+    if choice == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"precision fp16 needs a CUDA GPU, this run is on {device.type}; use bf16 or fp32"
+        )
+    if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision bf16 is not supported by this GPU; use fp16 or fp32")
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if choice not in dtypes:
+        raise ValueError(f"unknown precision {choice!r}; expected auto, fp32, bf16 or fp16")
+    return Precision(dtypes[choice])
 
 
 def select_device(name: str | None = None) -> torch.device:

@@ -130,12 +130,14 @@ def fit_best(
 
 
 def calibrate_and_test(
-    net, val: train.Tensors, test: train.Tensors, precision
+    net, val: train.Tensors, test: train.Tensors
 ) -> tuple[dict[str, float], dict, dict, dict[str, float]]:
-    """Temperatures fitted on validation; test predictions and calibration with and without them."""
-    val_logits = train.predict_logits(net, val.x, precision)
+    """Temperatures fitted on validation; test predictions and calibration with and without them.
+    In fp32 whatever precision trained the weights: the service runs them in fp32, and the card
+    reports what the service answers."""
+    val_logits = train.predict_logits(net, val.x)
     temperatures = {h: calibrate.fit_temperature(val_logits[h], val.y[h]) for h in labels.HEADS}
-    logits = train.predict_logits(net, test.x, precision)
+    logits = train.predict_logits(net, test.x)
     pred = {head: logits[head].argmax(1).cpu().numpy() for head in labels.HEADS}
     truth = {head: y.cpu().numpy() for head, y in test.y.items()}
     return temperatures, pred, truth, calibrate.report(logits, test.y, temperatures)
@@ -162,7 +164,7 @@ def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: d
 
 
 def log_and_register(
-    net, params: dict, edges, temperatures: dict[str, float], name: str
+    net, params: dict, edges, temperatures: dict[str, float], name: str, precision: str = "fp32"
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Log the pyfunc (weights, params, labels, temperatures, preprocessing) and register it."""
     import pipeline
@@ -172,7 +174,9 @@ def log_and_register(
         warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
         weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "meta.json"
         torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
-        meta.write_text(json.dumps(pyfunc.metadata(params, edges, temperatures), indent=2))
+        meta.write_text(
+            json.dumps(pyfunc.metadata(params, edges, temperatures, precision), indent=2)
+        )
         info = mlflow.pyfunc.log_model(
             name="model",
             # Models from code: the class is loaded from source, not unpickled; code_paths carries
@@ -277,7 +281,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
     seed = trial_seed(best, settings)
     faces, split = study_split(settings, attrs)
     device = train.select_device()
-    precision = train.select_precision(device)
+    precision = train.select_precision(device, settings.precision)
     log.info(
         "train-best on %s (%s): study %s, trial #%d (val %.4f)",
         device,
@@ -318,9 +322,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
         net, history, best_epoch = fit_best(
             params, sets, settings, seed, metric, labels.num_classes(edges), precision
         )
-        temperatures, pred, truth, calibration = calibrate_and_test(
-            net, sets["val"], sets["test"], precision
-        )
+        temperatures, pred, truth, calibration = calibrate_and_test(net, sets["val"], sets["test"])
         mlflow.log_metrics(calibration)
         card = {
             "model_name": settings.model_name,
@@ -342,7 +344,9 @@ def run(settings: Settings, promote: bool = False) -> dict:
         }
         scores = log_evaluation(pred, truth, edges, card)
         mlflow.log_metrics({"best_epoch": best_epoch, "wall_s": time.time() - started})
-        version = log_and_register(net, params, edges, temperatures, settings.model_name)
+        version = log_and_register(
+            net, params, edges, temperatures, settings.model_name, precision.name
+        )
         for tag, value in {
             **scores,
             "optuna.study": study.study_name,

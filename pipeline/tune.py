@@ -222,7 +222,7 @@ def run_worker(
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = train.select_device()
-    precision = train.select_precision(device)
+    precision = train.select_precision(device, settings.precision)
     log.info(
         "device: %s (%s); %d faces, split %s", device, precision.name, len(faces), split.summary()
     )
