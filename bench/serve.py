@@ -26,6 +26,7 @@ from PIL import Image
 
 from pipeline import data, evaluate, faces, labels
 from pipeline.config import Settings
+from pipeline.storage import redact
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,7 +55,7 @@ def process(cmd: list[str], ready_url: str, env: dict, log: Path):
             time.sleep(0.5)
         else:
             raise SystemExit(f"{cmd[:4]} not ready in 180 s: {log.read_text()[-2000:]}")
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -173,7 +174,8 @@ def require_champion(settings: Settings) -> None:
         )
     except MlflowException as e:
         raise SystemExit(
-            f"no {settings.alias} of model {settings.model_name!r} in {settings.tracking_uri}: "
+            f"no {settings.alias} of model {settings.model_name!r} in "
+            f"{redact(settings.tracking_uri)}: "
             "run `make tune train-best DATA=...` first (or set MLFLOW_TRACKING_URI to the store "
             "that has one)"
         ) from e

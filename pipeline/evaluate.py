@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
-from pipeline import data, faces, labels, preprocess, tracking
+from pipeline import data, faces, labels, preprocess, storage, tracking
 from pipeline.config import Settings
 
 SURROUNDS = ("blur", "mean")
@@ -130,7 +130,7 @@ def resolve(settings: Settings, version: str):
         )
     except mlflow.exceptions.MlflowException as e:
         raise EvaluateError(
-            f"no version {version!r} of model {name!r} in {settings.tracking_uri}: run "
+            f"no version {version!r} of model {name!r} in {storage.redact(settings.tracking_uri)}: run "
             "`make train-best` first, or pass VERSION=<alias or number> of a registered one"
         ) from e
     mlflow.set_tracking_uri(settings.tracking_uri)

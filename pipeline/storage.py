@@ -23,6 +23,19 @@ JOURNAL = "journal:"
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
+def redact(url: str) -> str:
+    """`url` without its password (user:***@host), for logs, MLflow and messages: a tracking
+    store is read by many people. Anything that is not a URL comes back as it is."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # a file path, journal:..., http://... (no password form we log)
+        return url
+    if parsed.password is None and not set(parsed.query) & {"password", "passwd"}:
+        return url
+    query = {k: "***" if k in ("password", "passwd") else v for k, v in parsed.query.items()}
+    return parsed.set(query=query).render_as_string(hide_password=True)
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file behind a local sqlite:/// URL, else None."""
     if not url.startswith(SQLITE) or url == SQLITE + ":memory:":
@@ -115,9 +128,10 @@ def ensure_postgres_database(url: str) -> None:
     if admin is None or not name:
         return
     import psycopg
+    from psycopg import sql
 
     with psycopg.connect(admin, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         if exists.fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             log.info("created PostgreSQL database %s", name)

@@ -20,7 +20,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
-from pipeline import calibrate, data, labels, metrics, model, pyfunc, space, tracking, train
+from pipeline import (
+    calibrate,
+    data,
+    labels,
+    metrics,
+    model,
+    pyfunc,
+    space,
+    storage,
+    tracking,
+    train,
+)
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +49,7 @@ def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTria
         study = optuna.load_study(study_name=settings.study, storage=settings.storage)
     except KeyError as e:
         raise TrainBestError(
-            f"no study {settings.study!r} in {settings.storage}: run `make tune` first "
+            f"no study {settings.study!r} in {storage.redact(settings.storage)}: run `make tune` first "
             "(or pass STUDY=... and STORAGE=... of an existing study)"
         ) from e
     complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])

@@ -103,7 +103,7 @@ def open_study(
     for key in STUDY_ATTRS:
         if recorded.get(key) != attrs[key]:
             raise StudyMismatch(
-                f"study {settings.study!r} in {settings.storage} was created with {key}="
+                f"study {settings.study!r} in {storage.redact(settings.storage)} was created with {key}="
                 f"{recorded.get(key)!r}, this run has {attrs[key]!r}; use the same settings "
                 "to add trials to it, or a new STUDY name"
             )
@@ -342,6 +342,7 @@ def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data
             "age_edges",
         }
     )
+    params["storage"] = storage.redact(params["storage"])  # the tracking store is widely read
     tracking.log_params(
         client, run_id, params | {f"split_{k}": v for k, v in split.summary().items()}
     )
