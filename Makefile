@@ -22,7 +22,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 ALL_SAMPLERS := random,tpe,skopt,gp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve ui test lint bench bench-serve
+.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve ui test lint bench bench-serve bench-abuse
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ lint: setup ## ruff check and format check
 
 bench: setup ## benchmarks on the real data (DATA=...), table printed and saved under bench/results/
 	$(BIN)/python -m bench.run $(call flag,DATA,data)
+
+bench-abuse: setup ## hostile uploads against a real server of the champion: answers, peak and settled memory
+	$(BIN)/python -m bench.abuse
 
 bench-serve: setup ## our service vs `mlflow models serve` of the champion: requests/s, p50/p99, accuracy
 	$(BIN)/python -m bench.serve

@@ -173,8 +173,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.serve_workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
         return 0
-    # Several processes: uvicorn imports the app in each, so the settings travel by environment.
-    os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude_none=True)
+    # Several processes: uvicorn imports the app in each, so the settings travel by environment
+    # (the reload token, a secret that comes only from the environment, is inherited as it is).
+    os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude_none=True, exclude={"reload_token"})
     uvicorn.run(
         "serving.app:app_from_env",
         factory=True,
@@ -188,7 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
     """An MLflow tracking server for several hosts: PostgreSQL backend store, served artifacts."""
-    from pipeline.storage import ensure_postgres_database
+    from pipeline.storage import ensure_postgres_database, redact
 
     ensure_postgres_database(args.backend_store_uri)
     cmd = [
@@ -205,16 +206,16 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
         args.host,
         "--port",
         str(args.port),
-        "--allowed-hosts",
-        args.allowed_hosts,
     ]
+    if args.allowed_hosts:  # else MLflow's own list: localhost and private addresses
+        cmd += ["--allowed-hosts", args.allowed_hosts]
     # mlflow server starts uvicorn by name: this environment's bin must be on PATH.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     log.info(
         "MLflow server on http://%s:%s, backend %s",
         args.host,
         args.port,
-        args.backend_store_uri.split("@")[-1],
+        redact(args.backend_store_uri),
     )
     return subprocess.call(cmd, env=os.environ | {"PATH": path})
 
@@ -257,9 +258,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow UI on the same store `make tune` writes to."""
+    from pipeline.storage import redact
+
     settings = _settings(args)
     if settings.tracking_uri.startswith(("http://", "https://")):
-        print(f"Tracking goes to a server; its UI is at {settings.tracking_uri}")
+        print(f"Tracking goes to a server; its UI is at {redact(settings.tracking_uri)}")
         return 0
     cmd = [
         sys.executable,
@@ -275,7 +278,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    log.info("MLflow UI on http://%s:%s for %s", args.host, args.port, settings.tracking_uri)
+    log.info(
+        "MLflow UI on http://%s:%s for %s", args.host, args.port, redact(settings.tracking_uri)
+    )
     return subprocess.call(cmd)
 
 
@@ -371,9 +376,17 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     server.add_argument("--artifacts", default="mlartifacts", help="where served artifacts live")
-    server.add_argument("--host", default="0.0.0.0")
+    server.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind: 127.0.0.1 (default) serves this host only; 0.0.0.0 opens it to "
+        "the network, which should then sit behind MLflow's basic-auth app (see README Security)",
+    )
     server.add_argument("--port", type=int, default=5000)
-    server.add_argument("--allowed-hosts", default="*", help="Host headers the server accepts")
+    server.add_argument(
+        "--allowed-hosts",
+        help="Host headers the server accepts (default: MLflow's, localhost and private addresses)",
+    )
     server.set_defaults(func=cmd_mlflow_server)
 
     dl = sub.add_parser("data", help="download age_gender.csv from Kaggle")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Metric = Literal["age", "ethnicity", "gender", "mean"]
 SamplerName = Literal["tpe", "random", "skopt", "gp", "cmaes", "qmc"]
@@ -90,24 +92,39 @@ class Settings(BaseSettings):
     # serving
     host: str = "127.0.0.1"
     port: int = 8000
+    # Host headers the service answers (a DNS-rebinding page sends its own name): the loopback
+    # names by default; add the names the service is reached by when HOST opens it, or "*".
+    allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
     # uvicorn worker processes, each with its own copy of the model and its own batching: one
     # process's event loop (HTTP, multipart, JSON) holds the GIL, so more cores need more processes.
     serve_workers: int = Field(1, ge=1)
     alias: str = "champion"  # the registry alias the service loads
     max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)
     max_files: int = Field(16, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard, checked before decoding
+    # Whole request body; default: max_files files at max_file_bytes, plus the multipart framing.
+    max_body_bytes: int | None = Field(None, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # all request headers together
+    body_timeout: float = Field(30.0, gt=0)  # seconds to receive a whole request body
+    # Pixels an image may declare (checked before decoding): a 48-megapixel phone photo, not more.
+    max_pixels: int = Field(50_000_000, ge=1)
+    # Images decoded and cut at once, across all requests: each holds a decoded photo in memory.
+    decode_slots: int = Field(max(1, os.cpu_count() or 1), ge=1)
     # The smallest face looked for, as a fraction of the photo's shorter side: 0.15 finds the face
     # of a half-length portrait (5x the face's size); lower finds smaller faces (group photos) at
     # a steep cost per image (the detector's work grows with 1 / min_face squared).
     min_face: float = Field(0.15, gt=0, le=1)
     max_batch: int = Field(64, ge=1)  # most faces per pass shared by several requests
-    reload_token: str | None = None  # when set, POST /reload needs "Authorization: Bearer <token>"
+    # POST /reload is refused unless this is set; then it needs "Authorization: Bearer <token>".
+    reload_token: SecretStr | None = None
     torch_threads: int | None = None  # torch threads; serving default 1, tuning workers share
 
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # of what is left after the test split
     age_edges: tuple[int, ...] = (0, 3, 18, 45, 64, 116)
+
+    @property
+    def body_limit(self) -> int:
+        return self.max_body_bytes or self.max_files * (self.max_file_bytes + 1024) + 64 * 1024
 
     @property
     def split_seed_or_seed(self) -> int:
@@ -130,6 +147,16 @@ class Settings(BaseSettings):
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"workers must be a positive integer or 'auto', got {value!r}")
             return int(value)
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: object) -> object:
+        # FACEOPT_ALLOWED_HOSTS=a.example,b.example (or "*"), or a JSON list
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [h.strip() for h in value.split(",") if h.strip()]
         return value
 
     @field_validator("age_edges")

@@ -36,6 +36,15 @@ THRESHOLD = -0.4
 # Landmarks and the chip are taken from a copy in which the face is about this wide: large
 # enough for a 200-pixel chip, small enough that a 12-megapixel photo costs no more than a small one.
 WORK_FACE = 300
+# The formats the service takes (Pillow's JPEG opener also takes phones' MPO files, JPEGs that
+# hold a second picture). Nothing else reaches a decoder: each is attack surface (EPS would even
+# start Ghostscript).
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+FORMAT_NAMES = "a JPEG, PNG, WebP, BMP or GIF image"
+# JPEGs are decoded at 1/2, 1/4 or 1/8 scale when their shorter side stays at least this long:
+# a face of the smallest size looked for (min_face 0.15) is still over 200 pixels, the chip's
+# size, and a 48-megapixel photo costs a quarter of its memory and time.
+DRAFT_SIDE = 1500
 _local = threading.local()
 _predictor_lock = threading.Lock()
 _predictor: dlib.shape_predictor | None = None
@@ -65,25 +74,31 @@ class Face:
         return self.box is not None
 
 
-def open_image(raw: bytes, max_pixels: int) -> Image.Image:
-    """Decode the first frame, upright per EXIF; refuse pixel bombs before decoding them."""
+def decode(raw: bytes, max_pixels: int) -> tuple[Image.Image, float]:
+    """The first frame, upright per EXIF, a large JPEG at a reduced scale, and the factor from
+    its pixels to the photo's; pixel bombs and other formats are refused before decoding."""
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=FORMATS)
+        side = max(image.size)
         if image.width * image.height > max_pixels:
             raise ImageTooLarge(
-                f"image is {image.width}x{image.height} pixels, over the limit of {max_pixels}"
+                f"image is {image.width}x{image.height} pixels, over the limit of {max_pixels} "
+                "(FACEOPT_MAX_PIXELS)"
             )
-        image.seek(0)  # GIF, WebP, TIFF: the first frame
+        image.seek(0)  # GIF, WebP: the first frame
+        if image.format in ("JPEG", "MPO"):
+            image.draft(None, (DRAFT_SIDE, DRAFT_SIDE))
         image.load()
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # not a copy: a large photo is large
+        return image, side / max(image.size)
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(str(e)) from e
+    except Image.DecompressionBombError as e:  # over Pillow's own limit, before its size is read
+        raise ImageTooLarge(f"image has more pixels than the limit of {max_pixels}") from e
     except UnidentifiedImageError as e:
-        raise ImageError("not a readable image (unknown format or corrupt data)") from e
+        raise ImageError(f"not {FORMAT_NAMES} (unknown format or corrupt data)") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"not a readable image ({e})") from e
+        raise ImageError(f"not a readable image ({e}); expected {FORMAT_NAMES}") from e
 
 
 def _detector() -> dlib.fhog_object_detector:
@@ -173,5 +188,14 @@ def face_from_image(image: Image.Image, min_face: float) -> Face:
 
 
 def face_from_upload(raw: bytes, max_pixels: int, min_face: float) -> Face:
-    """What the service does with one uploaded file: decode, find the face, cut it, 48x48."""
-    return face_from_image(open_image(raw, max_pixels), min_face)
+    """What the service does with one uploaded file: decode, find the face, cut it, 48x48. The
+    boxes are in the uploaded photo's pixels, also when it was decoded at a reduced scale."""
+    image, scale = decode(raw, max_pixels)
+    face = face_from_image(image, min_face)
+    if scale == 1:
+        return face
+
+    def up(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        return tuple(round(v * scale) for v in box)
+
+    return Face(face.pixels, face.box and up(face.box), up(face.crop), face.angle)

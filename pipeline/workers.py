@@ -50,7 +50,8 @@ def plan(workers: int | str) -> list[dict[str, str]]:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as FACEOPT_* variables (JSON for non-strings) for a child process."""
     env = {}
-    for name, value in settings.model_dump(mode="json").items():
+    # The reload token is the service's; a child reads it, like any secret, from its environment.
+    for name, value in settings.model_dump(mode="json", exclude={"reload_token"}).items():
         if value is not None:
             env[f"FACEOPT_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     # These two names win over FACEOPT_* in Settings; the child must see the same stores.

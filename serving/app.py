@@ -13,14 +13,19 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from pipeline import faces as face_crop
 from pipeline import labels
 from pipeline.config import Settings
 from serving import schemas
 from serving.batcher import Batcher
+from serving.decode import DecodePool
+from serving.guard import Guard
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.store import Loaded, ModelStore, NoModel
 
@@ -28,7 +33,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 # `faceopt serve --workers N` hands its settings to uvicorn's worker processes through this variable.
 SETTINGS_ENV = "FACEOPT_SERVE_SETTINGS"
-ERRORS = {code: {"model": schemas.ErrorResponse} for code in (401, 413, 415, 422, 503)}
+ERRORS = {
+    code: {"model": schemas.ErrorResponse} for code in (400, 401, 403, 408, 413, 415, 422, 431, 503)
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -47,18 +54,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("starting without a model: %s", e)
         app.state.store = store
         app.state.batcher = Batcher(settings.max_batch)
+        app.state.decode = DecodePool(settings.decode_slots)
         await app.state.batcher.start()
         yield
         await app.state.batcher.stop()
+        app.state.decode.close()
 
     app = FastAPI(
         title="faceopt",
         description="Age bracket, ethnicity and gender from face photos, by the registered champion.",
         lifespan=lifespan,
+        # Starlette's defaults are 1,000 parts of either kind; the parser stops at these instead.
+        form_limits={"max_files": settings.max_files, "max_fields": 8, "max_part_size": 64 * 1024},
     )
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(Guard, settings=settings)  # the outermost: before anything is parsed
     _routes(app)
     return app
 
@@ -129,13 +142,20 @@ def _routes(app: FastAPI) -> None:
         settings: SettingsDep,
         authorization: Annotated[str | None, Header()] = None,
     ) -> schemas.ModelRef:
-        """Load the alias's current version and swap it in; on failure the old one keeps serving."""
-        if settings.reload_token:
-            given = (authorization or "").removeprefix("Bearer ").strip()
-            if not secrets.compare_digest(given, settings.reload_token):
-                raise HTTPException(
-                    401, "reload needs 'Authorization: Bearer <FACEOPT_RELOAD_TOKEN>'"
-                )
+        """Load the alias's current version and swap it in; on failure the old one keeps serving.
+        Disabled unless FACEOPT_RELOAD_TOKEN is set; then it needs that token as a bearer token."""
+        if settings.reload_token is None:
+            raise HTTPException(
+                403,
+                "POST /reload is disabled: start the service with FACEOPT_RELOAD_TOKEN=<secret> "
+                "and send 'Authorization: Bearer <secret>'",
+            )
+        if not _bearer_matches(authorization, settings.reload_token.get_secret_value()):
+            raise HTTPException(
+                401,
+                "reload needs 'Authorization: Bearer <FACEOPT_RELOAD_TOKEN>'",
+                headers={"WWW-Authenticate": 'Bearer realm="faceopt"'},
+            )
         try:
             loaded = await run_in_threadpool(store.reload)
         except NoModel as e:
@@ -157,11 +177,11 @@ def _routes(app: FastAPI) -> None:
             raise HTTPException(
                 422, "no image: send one or more files in the multipart field 'files'"
             )
-        if len(uploads) > settings.max_files:
-            raise HTTPException(413, f"{len(uploads)} files, the limit is {settings.max_files}")
-        raws = [await _read_limited(u, settings.max_file_bytes) for u in uploads]
         names = [u.filename or f"file{i}" for i, u in enumerate(uploads)]
-        faces = await run_in_threadpool(_faces, raws, names, settings)
+        pool: DecodePool = request.app.state.decode
+        faces = [
+            await pool.face(u.file, name, settings) for u, name in zip(uploads, names, strict=True)
+        ]
         found = [i for i, face in enumerate(faces) if face.answered]
         per_face: list[dict[str, np.ndarray] | None] = [None] * len(faces)  # None: no answer
         if found:
@@ -181,28 +201,32 @@ def _routes(app: FastAPI) -> None:
         )
 
 
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    name = upload.filename or "upload"
-    raw = await upload.read(limit + 1)  # one byte past the limit is enough to know
-    if len(raw) > limit:
-        raise HTTPException(413, f"{name}: larger than the limit of {limit} bytes")
-    if not raw:
-        raise HTTPException(422, f"{name}: empty file")
-    return raw
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """HTTP errors as the JSON error of every other refusal; the multipart parser's limits (its
+    400s) become 413s that name the setting."""
+    if exc.status_code == 400 and isinstance(exc.__context__, MultiPartException):
+        settings: Settings = request.app.state.settings
+        message = exc.__context__.message
+        if message.startswith("Too many files"):
+            exc = StarletteHTTPException(
+                413, f"more than {settings.max_files} files (FACEOPT_MAX_FILES)"
+            )
+        elif message.startswith(("Too many fields", "Field exceeded", "Part exceeded")):
+            exc = StarletteHTTPException(
+                413, f"{message} Only image files are expected, in the fields 'files' or 'file'."
+            )
+        else:
+            exc = StarletteHTTPException(400, f"malformed multipart body: {message}")
+    return await http_exception_handler(request, exc)
 
 
-def _faces(raws: list[bytes], names: list[str], settings: Settings) -> list[face_crop.Face]:
-    faces = []
-    for raw, name in zip(raws, names, strict=True):
-        try:
-            faces.append(face_crop.face_from_upload(raw, settings.max_pixels, settings.min_face))
-        except face_crop.ImageTooLarge as e:
-            raise HTTPException(413, f"{name}: {e}") from e
-        except face_crop.ImageError as e:
-            raise HTTPException(
-                415, f"{name}: {e}; expected a JPEG, PNG, WebP, BMP or GIF image"
-            ) from e
-    return faces
+def _bearer_matches(authorization: str | None, token: str) -> bool:
+    """`Authorization: Bearer <token>`, the scheme in any case, compared in constant time on
+    bytes (a header is latin-1 on the wire; the token may be any text)."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return secrets.compare_digest(given.strip().encode("latin-1"), token.encode("utf-8"))
 
 
 def _box(values: tuple[int, int, int, int], angle: float = 0.0) -> schemas.FaceBox:

@@ -15,6 +15,10 @@ from pipeline.config import Settings
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_CSV = REAL_DATA / "age_gender.csv.gz"
 
+# The service answers only the Host names it is reached by (loopback by default); TestClient's
+# own default, "testserver", is not one of them.
+LOCAL = "http://localhost"
+
 
 def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
     """Rows in the Kaggle layout whose pixels carry a learnable signal for every label."""

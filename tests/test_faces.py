@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from pipeline import faces, preprocess
 from pipeline.config import Settings
-from tests.conftest import astronaut_face
+from tests.conftest import astronaut_face, jpeg
 
 MIN_FACE = Settings().min_face
 # scikit-image's bundled pictures without a person in them.
@@ -107,5 +108,47 @@ def test_an_aligned_crop_comes_back_as_the_dataset_made_it() -> None:
     [(b"not an image", faces.ImageError), (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, faces.ImageError)],
 )
 def test_unreadable_uploads(raw: bytes, error: type) -> None:
-    with pytest.raises(error, match="not a readable image"):
-        faces.open_image(raw, 10**6)
+    with pytest.raises(error, match="not a readable image|not a JPEG, PNG, WebP, BMP or GIF"):
+        faces.decode(raw, 10**6)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "ICO", "PPM", "TGA", "PCX", "SGI", "IM", "QOI", "EPS"])
+def test_only_the_documented_formats_are_decoded(fmt: str) -> None:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", (64, 64), (90, 60, 40))
+    if fmt == "EPS":  # Pillow writes EPS only with Ghostscript; the header is what it would sniff
+        buffer.write(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n")
+    else:
+        image.save(buffer, fmt)
+    with pytest.raises(faces.ImageError, match="not a JPEG, PNG, WebP, BMP or GIF"):
+        faces.decode(buffer.getvalue(), 10**6)
+
+
+def test_pixel_limits_are_in_the_services_words() -> None:
+    big = io.BytesIO()
+    Image.new("L", (3000, 2000)).save(big, "PNG")
+    with pytest.raises(faces.ImageTooLarge, match=r"3000x2000 pixels, over the limit of 5000000"):
+        faces.decode(big.getvalue(), 5_000_000)
+    # Past Pillow's own bomb limit, Pillow refuses before the size is known: still our words.
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 10000)).save(bomb, "PNG")
+    with pytest.raises(faces.ImageTooLarge, match="more pixels than the limit of 5000000"):
+        faces.decode(bomb.getvalue(), 5_000_000)
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_boxes_are_in_its_own_pixels() -> None:
+    photo = Image.new("RGB", (3200, 3200), (110, 110, 110))
+    photo.paste(astronaut_face().convert("RGB").resize((800, 800)), (1200, 1000))
+    raw = jpeg(photo)
+    image, scale = faces.decode(raw, 50_000_000)
+    assert image.size == (1600, 1600) and scale == 2  # 1/2 scale: the shorter side stays >= 1500
+    reduced = faces.face_from_upload(raw, 50_000_000, MIN_FACE)
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    full = faces.face_from_upload(png.getvalue(), 50_000_000, MIN_FACE)
+    assert reduced.answered and full.answered
+    # The same face in the same place, to a few of the photo's pixels.
+    assert np.abs(np.subtract(reduced.box, full.box)).max() <= 24
+    assert np.abs(np.subtract(reduced.crop, full.crop)).max() <= 24
+    assert 1200 <= reduced.box[0] < reduced.box[0] + reduced.box[2] <= 2000
+    assert np.abs(reduced.pixels.astype(float) - full.pixels.astype(float)).mean() < 4

@@ -12,11 +12,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
+from pydantic import SecretStr
 
 from pipeline import augment, calibrate, labels, model, space, tracking, train, train_best
 from pipeline.config import PRESETS, Settings
 from serving.app import create_app
-from tests.conftest import astronaut_face, jpeg
+from tests.conftest import LOCAL, astronaut_face, jpeg
 from tests.test_serving import upload
 
 EDGES = (0, 3, 18, 45, 64, 116)
@@ -157,10 +158,16 @@ def test_serving_applies_the_stored_temperatures(registered: Settings, tmp_path:
     log-odds of the second are the first's divided by each head's temperature."""
     torch.manual_seed(0)
     net = model.build(PARAMS, labels.num_classes(EDGES))
-    settings = registered.model_copy(update={"model_name": "tempered", "artifact_root": tmp_path})
+    settings = registered.model_copy(
+        update={
+            "model_name": "tempered",
+            "artifact_root": tmp_path,
+            "reload_token": SecretStr("t"),
+        }
+    )
     register(net, {}, settings, "tempered")
     temperatures = {"age": 2.0, "ethnicity": 0.5, "gender": 3.0}
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url=LOCAL) as c:
 
         def predict() -> dict:
             r = c.post("/predict", files=[upload("a.jpg", jpeg(astronaut_face()))])
@@ -169,7 +176,8 @@ def test_serving_applies_the_stored_temperatures(registered: Settings, tmp_path:
 
         plain_prediction = predict()
         version = register(net, temperatures, settings, "tempered")
-        assert c.post("/reload").json()["version"] == version
+        reloaded = c.post("/reload", headers={"Authorization": "Bearer t"})
+        assert reloaded.json()["version"] == version
         served = [plain_prediction, predict()]
     for head, t in temperatures.items():
         plain, scaled = (np.log(list(p[head]["probabilities"].values())) for p in served)

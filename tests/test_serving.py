@@ -9,12 +9,13 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from pydantic import SecretStr
 
 from pipeline import train_best
 from pipeline.config import Settings
 from pipeline.evaluate import in_a_photo
 from serving.app import create_app
-from tests.conftest import REAL_DATA, astronaut_face, jpeg
+from tests.conftest import LOCAL, REAL_DATA, astronaut_face, jpeg
 
 SAMPLES = REAL_DATA / "utkface_sample"
 
@@ -33,13 +34,20 @@ def image_bytes(fmt: str = "JPEG", size=(200, 200), frames: int = 1) -> bytes:
     return buf.getvalue()
 
 
+def flat_png(size: tuple[int, int]) -> bytes:
+    """A PNG of one colour: many pixels in few bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 90, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def upload(name: str, raw: bytes, field: str = "files", mime: str = "image/jpeg"):
     return (field, (name, raw, mime))
 
 
 @pytest.fixture
 def client(registered: Settings):
-    with TestClient(create_app(registered)) as c:
+    with TestClient(create_app(registered), base_url=LOCAL) as c:
         yield c
 
 
@@ -75,6 +83,7 @@ def test_single_and_multi_file_predictions(client: TestClient) -> None:
         ("WEBP", "image/webp", 1),
         ("BMP", "image/bmp", 1),
         ("GIF", "image/gif", 3),
+        ("MPO", "image/jpeg", 2),  # a phone's JPEG with a second picture
     ],
 )
 def test_image_formats(client: TestClient, fmt: str, mime: str, frames: int) -> None:
@@ -102,7 +111,9 @@ def test_faces_in_photos_are_cut_where_they_were_put(registered: Settings) -> No
     under min_face of the shorter side is found only when min_face is lowered."""
     face = jpeg(astronaut_face())
     for min_face in (0.3, 0.15):
-        with TestClient(create_app(registered.model_copy(update={"min_face": min_face}))) as c:
+        with TestClient(
+            create_app(registered.model_copy(update={"min_face": min_face})), base_url=LOCAL
+        ) as c:
             for scale in (1.0, 2.0, 5.5):  # the face box is ~90%, 45% and 16% of the photo
                 raw = face if scale == 1 else in_a_photo(face, scale)
                 r = c.post("/predict", files=[upload("photo.jpg", raw)])
@@ -126,6 +137,12 @@ def test_bad_uploads_get_4xx_json_and_the_service_stays_up(registered: Settings)
     cases = [
         ([upload("notes.txt", b"hello, not an image", mime="text/plain")], 415, "notes.txt"),
         ([upload("broken.jpg", jpeg[: len(jpeg) // 3])], 415, "broken.jpg"),
+        # A format Pillow knows but the service does not take: refused before any decoder.
+        (
+            [upload("scan.tif", image_bytes("TIFF", size=(64, 64)), mime="image/tiff")],
+            415,
+            "not a JPEG, PNG",
+        ),
         (
             [
                 upload(
@@ -137,16 +154,16 @@ def test_bad_uploads_get_4xx_json_and_the_service_stays_up(registered: Settings)
             413,
             "huge.png",
         ),
-        ([upload(f"{i}.jpg", jpeg) for i in range(3)], 413, "limit is 2"),
+        ([upload(f"{i}.jpg", jpeg) for i in range(3)], 413, "more than 2 files"),
         (
-            [upload("bomb.png", image_bytes("PNG", size=(400, 300)), mime="image/png")],
+            [upload("bomb.png", flat_png((400, 300)), mime="image/png")],
             413,
             "bomb.png",
         ),
         ([upload("empty.jpg", b"")], 422, "empty.jpg"),
         ([], 422, "no image"),
     ]
-    with TestClient(create_app(limits)) as c:
+    with TestClient(create_app(limits), base_url=LOCAL) as c:
         for files, status, text in cases:
             r = c.post("/predict", files=files) if files else c.post("/predict")
             assert r.status_code == status, (text, r.text)
@@ -154,7 +171,7 @@ def test_bad_uploads_get_4xx_json_and_the_service_stays_up(registered: Settings)
         assert c.get("/health").json()["status"] == "ok"
         assert c.post("/predict", files=[upload("ok.jpg", jpeg)]).status_code == 200
         metrics = c.get("/metrics").text
-    assert 'faceopt_requests_total{route="/predict",status="415"} 2.0' in metrics
+    assert 'faceopt_requests_total{route="/predict",status="415"} 3.0' in metrics
     assert 'faceopt_requests_total{route="/predict",status="413"} 3.0' in metrics
     assert "faceopt_request_seconds_bucket" in metrics
     assert "faceopt_images_per_request_count 1.0" in metrics
@@ -175,9 +192,11 @@ def test_no_champion_then_reload(registered: Settings, tmp_path: Path) -> None:
         update={
             "tracking_uri": f"sqlite:///{tmp_path / 'empty.db'}",
             "artifact_root": tmp_path / "m",
+            "reload_token": SecretStr("s3cret"),
         }
     )
-    with TestClient(create_app(empty)) as c:
+    auth = {"Authorization": "Bearer s3cret"}
+    with TestClient(create_app(empty), base_url=LOCAL) as c:
         for r in (c.get("/ready"), c.post("/predict", files=[upload("a.jpg", image_bytes())])):
             assert r.status_code == 503
             assert (
@@ -185,17 +204,17 @@ def test_no_champion_then_reload(registered: Settings, tmp_path: Path) -> None:
                 and "make train-best" in r.json()["detail"]
             )
         assert c.get("/health").status_code == 200
-        assert c.post("/reload").status_code == 503
+        assert c.post("/reload", headers=auth).status_code == 503
         train_best.run(empty)  # the same study, registered into the empty store
-        assert c.post("/reload").json()["version"] == "1"
+        assert c.post("/reload", headers=auth).json()["version"] == "1"
         assert c.get("/ready").status_code == 200
         assert c.post("/predict", files=[upload("a.jpg", image_bytes())]).status_code == 200
 
 
 def test_reload_swaps_versions_and_a_failed_reload_keeps_the_old(registered: Settings) -> None:
-    guarded = registered.model_copy(update={"reload_token": "s3cret"})
+    guarded = registered.model_copy(update={"reload_token": SecretStr("s3cret")})
     client = MlflowClient(registered.tracking_uri)
-    with TestClient(create_app(guarded)) as c:
+    with TestClient(create_app(guarded), base_url=LOCAL) as c:
         before = c.get("/model").json()["version"]
         new = train_best.run(registered, promote=True)
         assert c.post("/reload").status_code == 401

@@ -30,10 +30,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(registered: Settings, log: Path, *flags: str):
+def running_server(registered: Settings, log: Path, *flags: str, env: dict | None = None):
     """`faceopt serve` as a real process on the test registry; its URL once /ready says 200."""
     port = free_port()
-    env = os.environ | {"MLFLOW_TRACKING_URI": registered.tracking_uri}
+    env = os.environ | {"MLFLOW_TRACKING_URI": registered.tracking_uri} | (env or {})
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), *flags]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -63,11 +63,13 @@ def server(registered: Settings, tmp_path_factory):
 
 
 def test_several_worker_processes_serve_the_champion(registered: Settings, tmp_path) -> None:
-    """--workers 2: two processes, each loaded with the champion the flags named."""
+    """--workers 2: two processes, each loaded with the champion the flags named, each with the
+    reload token of the environment."""
     face = io.BytesIO()
     Image.new("RGB", (120, 120), (90, 90, 90)).save(face, format="JPEG")
+    token = {"FACEOPT_RELOAD_TOKEN": "live-s3cret"}
     with running_server(
-        registered, tmp_path / "log", "--model-name", "faces", "--workers", "2"
+        registered, tmp_path / "log", "--model-name", "faces", "--workers", "2", env=token
     ) as (
         url,
         proc,
@@ -83,6 +85,30 @@ def test_several_worker_processes_serve_the_champion(registered: Settings, tmp_p
             r = httpx.post(f"{url}/predict", files=[("files", ("f.jpg", face.getvalue()))])
             assert r.status_code == 200, r.text
             assert r.json()["model"] == {"name": "faces", "version": "1", "alias": "champion"}
+        auth = {"Authorization": "Bearer live-s3cret"}
+        for _ in range(4):
+            assert httpx.post(f"{url}/reload", headers=auth).status_code == 200
+            assert httpx.post(f"{url}/reload").status_code == 401
+
+
+def test_a_body_that_never_arrives_gets_408(registered: Settings, tmp_path) -> None:
+    """A client that declares a body and sends it too slowly (a slowloris) is answered 408 once
+    FACEOPT_BODY_TIMEOUT has passed, and the connection is freed."""
+    with running_server(
+        registered, tmp_path / "log", "--model-name", "faces", env={"FACEOPT_BODY_TIMEOUT": "1"}
+    ) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+            )
+            start = time.monotonic()
+            answer = s.recv(4096).decode("latin-1")
+            waited = time.monotonic() - start
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert "FACEOPT_BODY_TIMEOUT" in answer and 0.8 < waited < 10
+        assert httpx.get(f"{url}/health").status_code == 200
 
 
 @pytest.mark.slow
