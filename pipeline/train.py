@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +215,25 @@ def fit(
 ) -> list[dict[str, float]]:
     """Train for up to `epochs` with the recipe in `params`, evaluating on `val` after each
     epoch; on_epoch may stop it early."""
+    history = []
+    for epoch, metrics in enumerate(fit_epochs(model, params, train, val, epochs, seed, precision)):
+        history.append(metrics)
+        if on_epoch and on_epoch(epoch, metrics):
+            break
+    return history
+
+
+def fit_epochs(
+    model: nn.Module,
+    params: dict,
+    train: Tensors,
+    val: Tensors,
+    epochs: int,
+    seed: int,
+    precision: Precision = FP32,
+) -> Iterator[dict[str, float]]:
+    """fit, one epoch per step: each yields that epoch's training loss and validation metrics
+    (the schedule spans all `epochs`)."""
     optimizer = make_optimizer(
         params["optimizer"], model.parameters(), params["lr"], params.get("weight_decay", 0.0)
     )
@@ -226,18 +245,13 @@ def fit(
     )
     schedule = make_schedule(optimizer, params, steps)
     shuffle = torch.Generator().manual_seed(seed)
-    history = []
     for epoch in range(epochs):
         train_loss = train_epoch(
             model, optimizer, train, params["batch_size"], shuffle, precision, recipe, schedule
         )
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
-        metrics = {"train_loss": train_loss, **evaluate(model, val, precision)}
-        history.append(metrics)
-        if on_epoch and on_epoch(epoch, metrics):
-            break
-    return history
+        yield {"train_loss": train_loss, **evaluate(model, val, precision)}
 
 
 def train_epoch(
