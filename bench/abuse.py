@@ -21,7 +21,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.serve import RESULTS, free_port, process, require_champion
+from bench import RESULTS, save
+from bench.serve import free_port, process, require_champion
 from pipeline.config import Settings
 
 MIB = 1024 * 1024
@@ -177,9 +178,7 @@ def main() -> None:
         ]
     )
     print(table)
-    out = RESULTS / f"bench-abuse-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(table + "\n")
-    print(f"written to {out}")
+    save("bench-abuse", table)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import face_recognition_models
 import numpy as np
 from PIL import Image
 
+from bench import save
 from pipeline import data, faces, preprocess
 
 PADDINGS = (0.15, 0.2, 0.25)
-RESULTS = Path(__file__).parent / "results"
 WITH_PEOPLE = {"astronaut.png", "camera.png"}  # scikit-image's bundled pictures of a person
 
 
@@ -90,10 +90,7 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"chips-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text)
-    print(f"written to {out}")
+    save("chips", text)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ import optuna
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench import save
 from pipeline import data, labels, model, train, tune
 from pipeline.config import Settings
 
-RESULTS = Path(__file__).parent / "results"
 EDGES = (0, 3, 18, 45, 64, 116)
 # A mid-sized configuration of the mlp space, fixed so every measurement trains the same network.
 PARAMS = {
@@ -450,10 +450,7 @@ def main() -> None:
         + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     )
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(f"data: {args.data}\n\n{table}\n")
-    print(f"written to {out}")
+    save("bench", f"data: {args.data}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench import RESULTS, save
 from pipeline import data, evaluate, faces, labels
 from pipeline.config import Settings
 from pipeline.storage import redact
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def free_port() -> int:
@@ -260,9 +259,7 @@ def report(rows: list, levels: list[int], served: list[dict], model_uri: str) ->
         ]
     text = "\n".join(lines)
     print(text)
-    out = RESULTS / f"bench-serve-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text + "\n")
-    print(f"written to {out}")
+    save("bench-serve", text)
 
 
 if __name__ == "__main__":
