@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,6 @@ from fastapi import HTTPException
 from pipeline import faces as face_crop
 from pipeline.config import Settings
 
-log = logging.getLogger(__name__)
 TRIM_EVERY = 1.0  # seconds: at most one heap trim a second
 
 
