@@ -123,3 +123,22 @@ def registered(tmp_path_factory) -> Settings:
     tune.run(settings)
     train_best.run(settings)
     return settings
+
+
+@pytest.fixture
+def postgres_database():
+    """A fresh database on the local PostgreSQL (dropped afterwards): its name; skips without a
+    server."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    name = f"faceopt_test_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL server reachable at 127.0.0.1:5432 ({e})")
+    yield name
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

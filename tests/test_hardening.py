@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -154,20 +153,10 @@ PASSWORD = "faceopt-Secret-7731"
 
 
 @pytest.fixture
-def postgres_with_password():
-    """A database on the local PostgreSQL, reached by a URL that carries a password (the local
-    server trusts local connections, so any password works: what matters is where it ends up)."""
-    name = f"faceopt_secret_{Path.cwd().stat().st_ino % 10_000}"
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name}")
-            conn.execute(f"CREATE DATABASE {name}")
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no local PostgreSQL: {e}")
-    yield f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def postgres_with_password(postgres_database: str) -> str:
+    """A URL with a password for a fresh local database (the local server trusts local
+    connections, so any password works: what matters is where it ends up)."""
+    return f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{postgres_database}"
 
 
 def test_no_password_reaches_the_tracking_store(

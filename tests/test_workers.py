@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -33,17 +32,8 @@ def runs_by_trial(settings: Settings) -> dict[int, list]:
 
 
 @pytest.fixture
-def postgres_url():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"faceopt_test_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL server reachable at 127.0.0.1:5432 ({e})")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def postgres_url(postgres_database: str) -> str:
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{postgres_database}"
 
 
 @pytest.mark.slow
