@@ -18,8 +18,6 @@ from pipeline import tune, workers
 from pipeline.config import Settings
 from tests.conftest import synthetic_faces, write_csv
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
 
 def runs_by_trial(settings: Settings) -> dict[int, list]:
     client = MlflowClient(settings.tracking_uri)
