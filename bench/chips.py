@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from bench import save
-from pipeline import data, faces, preprocess
+from pipeline.data import dataset, faces, preprocess
 
 PADDINGS = (0.15, 0.2, 0.25)
 WITH_PEOPLE = {"astronaut.png", "camera.png"}  # scikit-image's bundled pictures of a person
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--crops", type=Path, default=Path("../shared/data/utkface_sample"))
     args = parser.parse_args()
-    files = data.image_files(args.crops)
+    files = dataset.image_files(args.crops)
     models = {
         "68 landmarks": dlib.shape_predictor(
             face_recognition_models.pose_predictor_model_location()

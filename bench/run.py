@@ -33,8 +33,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench import save
-from pipeline import data, labels, model, train, tune
+from pipeline import tune
 from pipeline.config import Settings
+from pipeline.data import dataset, labels
+from pipeline.model import network
+from pipeline.training import train
+from pipeline.tuning.objective import make_objective
 
 EDGES = (0, 3, 18, 45, 64, 116)
 # A mid-sized configuration of the mlp space, fixed so every measurement trains the same network.
@@ -95,8 +99,8 @@ def bench_load(path: Path, repeats: int) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         caches = iter(range(repeats))
         # A fresh cache folder per repeat, so every "first" load really decodes.
-        first = timed(lambda: data.load(path, Path(tmp) / str(next(caches))), repeats)
-        cached = timed(lambda: data.load(path, Path(tmp) / "0"), repeats * 2)
+        first = timed(lambda: dataset.load(path, Path(tmp) / str(next(caches))), repeats)
+        cached = timed(lambda: dataset.load(path, Path(tmp) / "0"), repeats * 2)
     ratio = statistics.median(first) / statistics.median(cached)
     return [
         ("data load: first (decode + cache)", fmt(first), "baseline"),
@@ -105,9 +109,9 @@ def bench_load(path: Path, repeats: int) -> list[Row]:
 
 
 def _sets(
-    faces: data.FaceSet, fraction: float = 1.0, device: torch.device = CPU
+    faces: dataset.FaceSet, fraction: float = 1.0, device: torch.device = CPU
 ) -> tuple[train.Tensors, train.Tensors]:
-    split = data.split(faces, EDGES, 42, 0.2, 0.2)
+    split = dataset.split(faces, EDGES, 42, 0.2, 0.2)
     rows = split.train[: int(len(split.train) * fraction)]
     return (
         train.to_tensors(faces, rows, EDGES, device),
@@ -144,7 +148,7 @@ def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], None
 
 
 def bench_training(
-    faces: data.FaceSet,
+    faces: dataset.FaceSet,
     repeats: int,
     params: dict = PARAMS,
     name: str = "mlp",
@@ -158,7 +162,7 @@ def bench_training(
     where = f"{name}, batch {batch}" + (f", {device.type}" if device.type != "cpu" else "")
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        net = model.build(params, classes).to(device)
+        net = network.build(params, classes).to(device)
         return net, train.make_optimizer(params["optimizer"], net.parameters(), params["lr"])
 
     def ours() -> None:
@@ -209,7 +213,7 @@ def bench_training(
     ]
 
 
-def bench_cnn_precision(faces: data.FaceSet, epochs: int = 3) -> list[Row]:
+def bench_cnn_precision(faces: dataset.FaceSet, epochs: int = 3) -> list[Row]:
     """The cnn-cpu reference network in fp32 against the default precision of this machine, in
     the real loop (train.fit_epochs on the whole training split, validation included), same seed:
     samples/s of each epoch, the two runs' epochs interleaved so machine noise hits both alike,
@@ -220,7 +224,7 @@ def bench_cnn_precision(faces: data.FaceSet, epochs: int = 3) -> list[Row]:
     nets, runs = {}, {}
     for name, precision in variants.items():
         train.seed_everything(0)
-        nets[name] = model.build(CNN, labels.num_classes(EDGES))
+        nets[name] = network.build(CNN, labels.num_classes(EDGES))
         runs[name] = train.fit_epochs(nets[name], CNN, train_set, val_set, epochs, 0, precision)
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(epochs):
@@ -253,7 +257,7 @@ def bench_cnn_precision(faces: data.FaceSet, epochs: int = 3) -> list[Row]:
     return rows
 
 
-def bench_gpu(faces: data.FaceSet, repeats: int, epochs: int = 2) -> list[Row]:
+def bench_gpu(faces: dataset.FaceSet, repeats: int, epochs: int = 2) -> list[Row]:
     """Where CUDA is present: our loop against the DataLoader loop for the mlp and the cnn
     reference, and train-best's mixed-precision path (two epochs of train.fit)."""
     cuda = torch.device("cuda")
@@ -264,7 +268,7 @@ def bench_gpu(faces: data.FaceSet, repeats: int, epochs: int = 2) -> list[Row]:
     times = []
     for _ in range(repeats):
         train.seed_everything(0)
-        net = model.build(CNN, labels.num_classes(EDGES)).to(cuda)
+        net = network.build(CNN, labels.num_classes(EDGES)).to(cuda)
         fit = partial(train.fit, net, CNN, train_set, val_set, epochs, 0, precision=precision)
         times += timed(_synced(fit, cuda), 1)
     rate = [len(train_set) * epochs / t for t in times]
@@ -303,12 +307,12 @@ def _trial_seconds(settings: Settings, sets, logger, n: int) -> list[float]:
     params = {k: v for k, v in PARAMS.items() if k != "arch"}
     for _ in range(n):
         study.enqueue_trial(params)
-    objective = tune.make_objective(settings, *sets, logger)
+    objective = make_objective(settings, *sets, logger)
     study.optimize(objective, n_trials=n, callbacks=[logger])
     return [t.duration.total_seconds() for t in study.trials]
 
 
-def bench_mlflow(faces: data.FaceSet, repeats: int, tmp: Path) -> list[Row]:
+def bench_mlflow(faces: dataset.FaceSet, repeats: int, tmp: Path) -> list[Row]:
     settings = Settings(
         epochs=5,
         tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
@@ -331,7 +335,7 @@ def bench_mlflow(faces: data.FaceSet, repeats: int, tmp: Path) -> list[Row]:
     ]
 
 
-def bench_growth(faces: data.FaceSet, repeats: int, tmp: Path) -> list[Row]:
+def bench_growth(faces: dataset.FaceSet, repeats: int, tmp: Path) -> list[Row]:
     settings = Settings(epochs=3)
     rows, base = [], None
     for fraction in (0.25, 0.5, 1.0):
@@ -427,11 +431,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not args.data.exists():
-        raise SystemExit(data.missing_data_message(args.data))
+        raise SystemExit(dataset.missing_data_message(args.data))
     started = time.time()
     rows = bench_load(args.data, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        faces = data.load(args.data, Path(tmp) / "cache")
+        faces = dataset.load(args.data, Path(tmp) / "cache")
         rows += bench_training(faces, args.repeats)
         rows += bench_cnn_precision(faces)
         if torch.cuda.is_available():

@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image
 
 from bench import RESULTS, save
-from pipeline import data, evaluate, faces, labels
+from pipeline import evaluate
 from pipeline.config import Settings
+from pipeline.data import dataset, faces, labels
 from pipeline.storage import redact
 
 
@@ -149,7 +150,7 @@ def accuracy(url: str, samples: Path, edges: tuple[int, ...], scale: float = 1.0
             )
             r.raise_for_status()
             for f, p in zip(batch, r.json()["predictions"], strict=True):
-                age, gender, race = data.utk_labels(f.name)
+                age, gender, race = dataset.utk_labels(f.name)
                 truth = {
                     "age": names["age"][int(labels.age_bracket(np.array([age]), edges)[0])],
                     "ethnicity": names["ethnicity"][race],

@@ -76,7 +76,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from pipeline import report, tune
+    from pipeline import tune
+    from pipeline.tracking import report
 
     # Optuna's own per-trial lines would break its progress bar; the summary follows at the end.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -87,7 +88,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_tune_worker(args: argparse.Namespace) -> int:
     """One worker on a shared study, until it has `until` finished trials (default N_TRIALS)."""
-    from pipeline import report, tune
+    from pipeline import tune
+    from pipeline.tracking import report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     extra = {k: getattr(args, k) for k in ("parent_run_id", "until", "quiet")}

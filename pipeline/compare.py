@@ -11,8 +11,10 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import tracking, tune, workers
+from pipeline import tune
 from pipeline.config import Settings
+from pipeline.tracking import runs
+from pipeline.tuning import workers
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +184,9 @@ def run(settings: Settings, samplers: list[str], seeds: int, prefix: str) -> tup
     studies = run_studies(settings, samplers, seeds, prefix)
     rows = summarize(studies, settings.n_trials)
     table = markdown(rows, settings.n_trials, settings.pruner)
-    client = tracking.client_for(settings.tracking_uri)
-    experiment_id = tracking.ensure_experiment(
-        client, f"{prefix}-comparison", settings.artifact_root
-    )
-    run_id = tracking.start_parent(
+    client = runs.client_for(settings.tracking_uri)
+    experiment_id = runs.ensure_experiment(client, f"{prefix}-comparison", settings.artifact_root)
+    run_id = runs.start_parent(
         client, experiment_id, f"{prefix}-comparison", {"faceopt.comparison": prefix}
     )
     links = []
@@ -199,7 +199,7 @@ def run(settings: Settings, samplers: list[str], seeds: int, prefix: str) -> tup
                     f"- `{st.study_name}`: [experiment {experiment.experiment_id}]"
                     f"(#/experiments/{experiment.experiment_id})"
                 )
-    tracking.log_params(
+    runs.log_params(
         client,
         run_id,
         {
@@ -212,7 +212,7 @@ def run(settings: Settings, samplers: list[str], seeds: int, prefix: str) -> tup
         },
     )
     for r in rows:
-        tracking.log_metrics(
+        runs.log_metrics(
             client,
             run_id,
             {

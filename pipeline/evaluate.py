@@ -16,8 +16,10 @@ from PIL import Image, ImageFilter
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
-from pipeline import data, faces, labels, preprocess, storage, tracking
+from pipeline import storage
 from pipeline.config import Settings
+from pipeline.data import dataset, faces, labels, preprocess
+from pipeline.tracking import runs
 
 SURROUNDS = ("blur", "mean")
 NO_ANSWER = -1  # the prediction recorded for a photo the service gives no labels for
@@ -46,7 +48,7 @@ def read_photos(folder: Path) -> Photos:
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluateError(f"{folder}: not a folder of photos")
-    files = data.image_files(folder)
+    files = dataset.image_files(folder)
     if not files:
         raise EvaluateError(
             f"{folder}: no .jpg/.jpeg/.png files; expected photos named like UTKFace's "
@@ -54,7 +56,7 @@ def read_photos(folder: Path) -> Photos:
         )
     found = []
     for f in files:
-        parsed = data.utk_labels(f.name)
+        parsed = dataset.utk_labels(f.name)
         if isinstance(parsed, str):
             raise EvaluateError(f"{f}: {parsed}")
         found.append(parsed)
@@ -120,7 +122,7 @@ def scores(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[st
 
 def resolve(settings: Settings, version: str):
     """(registered version, its FaceModel) for an alias such as champion, or a version number."""
-    client = tracking.client_for(settings.tracking_uri)
+    client = runs.client_for(settings.tracking_uri)
     name = settings.model_name
     try:
         found = (
@@ -210,7 +212,7 @@ def table(result: dict) -> str:
 
 def log_result(settings: Settings, result: dict) -> None:
     """Metrics (photos_<context>x_<head>_acc, ...) and the table on the version's training run."""
-    client = tracking.client_for(settings.tracking_uri)
+    client = runs.client_for(settings.tracking_uri)
     metrics = {f"photos_dataset_{k}": v for k, v in result["dataset"].items()}
     for row in result["contexts"]:
         prefix = f"photos_{row['context']:g}x"

@@ -4,39 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import optuna
 import torch
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
-from pipeline import (
-    calibrate,
-    data,
-    labels,
-    metrics,
-    model,
-    pyfunc,
-    space,
-    storage,
-    tracking,
-    train,
-)
+from pipeline import storage
 from pipeline.config import Settings
+from pipeline.data import dataset, labels
+from pipeline.model import network, space
+from pipeline.registry import champion, package
+from pipeline.tracking import runs
+from pipeline.training import calibrate, metrics, train
 
 log = logging.getLogger(__name__)
-
-CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 class TrainBestError(ValueError):
@@ -63,16 +51,16 @@ def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTria
     return study, best, params
 
 
-def study_split(settings: Settings, attrs: dict) -> tuple[data.FaceSet, data.Split]:
+def study_split(settings: Settings, attrs: dict) -> tuple[dataset.FaceSet, dataset.Split]:
     """The same data and split the study selected on, checked by fingerprint and digest."""
-    faces = data.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
+    faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
     if faces.fingerprint != attrs["data_fingerprint"]:
         raise TrainBestError(
             f"{settings.data} is not the data study {settings.study!r} was tuned on "
             f"(sha256 {faces.fingerprint[:16]}…, study has {attrs['data_fingerprint'][:16]}…); "
             "pass the same DATA"
         )
-    split = data.split(
+    split = dataset.split(
         faces,
         tuple(attrs["age_edges"]),
         attrs["split_seed"],
@@ -108,7 +96,7 @@ def fit_best(
     The trial's learning-rate schedule spans all train_epochs (train.fit sizes it by the epochs
     it is given), so a one-cycle or cosine schedule is the trial's, stretched to this length."""
     train.seed_everything(seed)
-    net = model.build(params, classes).to(sets["train"].x.device)
+    net = network.build(params, classes).to(sets["train"].x.device)
     key = train.metric_key(metric)
     best = {"value": -1.0, "epoch": -1, "state": None}
     bar = tqdm(total=settings.train_epochs, desc="train-best", unit="epoch")
@@ -174,99 +162,9 @@ def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: d
     return scores
 
 
-def log_and_register(
-    net, params: dict, edges, temperatures: dict[str, float], name: str, precision: str = "fp32"
-) -> mlflow.entities.model_registry.ModelVersion:
-    """Log the pyfunc (weights, params, labels, temperatures, preprocessing) and register it."""
-    import pipeline
-
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # The signature is given explicitly, so MLflow's hint about type-hinted predict() is noise.
-        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
-        weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "meta.json"
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
-        meta.write_text(
-            json.dumps(pyfunc.metadata(params, edges, temperatures, precision), indent=2)
-        )
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            # Models from code: the class is loaded from source, not unpickled; code_paths carries
-            # this pipeline package with the model, so the version keeps predicting the same
-            # after the project's code changes (in a process that has not imported it already).
-            python_model=str(Path(pyfunc.__file__).with_name("pyfunc_entry.py")),
-            artifacts={"weights": str(weights), "meta": str(meta)},
-            code_paths=[str(Path(pipeline.__file__).parent)],
-            signature=pyfunc.signature(edges),
-            input_example=np.full((1, 48, 48), 128, dtype=np.uint8),
-            pip_requirements=pyfunc.requirements(),
-        )
-    return mlflow.register_model(info.model_uri, name)
-
-
-def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    """The version under the champion alias; None only when there is none (a registry that
-    fails for another reason raises, rather than letting any version through)."""
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as e:
-        missing_alias = e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in e.message
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias:
-            return None
-        raise
-
-
-def validation_accuracy(uri: str, faces: np.ndarray, truth: dict[str, np.ndarray], metric: str):
-    """A registered version's accuracy on the study's metric, through its own pyfunc."""
-    found = mlflow.pyfunc.load_model(uri).unwrap_python_model().probabilities(faces)
-    acc = {head: float((found[head].argmax(1) == truth[head]).mean()) for head in labels.HEADS}
-    return float(np.mean(list(acc.values()))) if metric == "mean" else acc[metric]
-
-
-def gate(
-    client: MlflowClient,
-    name: str,
-    version: str,
-    val: tuple[np.ndarray, dict[str, np.ndarray]],
-    metric: str,
-    data_key: tuple[str, str],
-    promote: bool,
-) -> str:
-    """champion when the new version is at least as good as the current champion on the same
-    validation data (both evaluated here, now); else challenger. The test split is never read:
-    it reports, it does not choose. Versions of other data or another split are not compared
-    (challenger, unless promote forces champion)."""
-    current = current_champion(client, name)
-    if promote or current is None:
-        alias = CHAMPION
-    elif (current.tags.get("data.fingerprint"), current.tags.get("split.digest")) != data_key:
-        log.warning(
-            "version %s: not compared with champion v%s, which was trained on other data or "
-            "another split (its validation rows are not ours); set alias 'challenger' "
-            "(PROMOTE=1 / --promote makes it champion)",
-            version,
-            current.version,
-        )
-        alias = CHALLENGER
-    else:
-        new = validation_accuracy(f"models:/{name}/{version}", *val, metric)
-        old = validation_accuracy(f"models:/{name}/{current.version}", *val, metric)
-        alias = CHAMPION if new >= old else CHALLENGER
-        log.info(
-            "validation %s accuracy: version %s %.4f, champion v%s %.4f -> %s",
-            metric,
-            version,
-            new,
-            current.version,
-            old,
-            alias,
-        )
-    client.set_registered_model_alias(name, alias, version)
-    return alias
-
-
 def lineage_tags(study: optuna.Study, best: optuna.trial.FrozenTrial, client: MlflowClient) -> dict:
     """Tags and a note that lead from the training run back to the trial and study runs."""
-    trial_run = best.user_attrs.get(tracking.RUN_ID_ATTR, "")
+    trial_run = best.user_attrs.get(runs.RUN_ID_ATTR, "")
     parent = ""
     if trial_run:
         with contextlib.suppress(MlflowException):  # trial run deleted: no link, no failure
@@ -308,7 +206,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
 
     mlflow.set_tracking_uri(settings.tracking_uri)
     client = MlflowClient(settings.tracking_uri)
-    experiment_id = tracking.ensure_experiment(client, study.study_name, settings.artifact_root)
+    experiment_id = runs.ensure_experiment(client, study.study_name, settings.artifact_root)
     started = time.time()
     run_name = f"train-best-{time.strftime('%Y%m%d-%H%M%S')}"
     with mlflow.start_run(
@@ -355,21 +253,23 @@ def run(settings: Settings, promote: bool = False) -> dict:
         }
         scores = log_evaluation(pred, truth, edges, card)
         mlflow.log_metrics({"best_epoch": best_epoch, "wall_s": time.time() - started})
-        version = log_and_register(
+        version = package.log_and_register(
             net, params, edges, temperatures, settings.model_name, precision.name
         )
         for tag, value in {
             **scores,
             "optuna.study": study.study_name,
             "optuna.best_trial": best.number,
-            "faceopt.best_trial_run_id": best.user_attrs.get(tracking.RUN_ID_ATTR, ""),
+            "faceopt.best_trial_run_id": best.user_attrs.get(runs.RUN_ID_ATTR, ""),
             "data.fingerprint": faces.fingerprint,
             "split.digest": split.digest(),
         }.items():
             client.set_model_version_tag(settings.model_name, version.version, tag, str(value))
         val = (faces.images[split.val], faces.targets(split.val, edges))
         data_key = (faces.fingerprint, split.digest())
-        alias = gate(client, settings.model_name, version.version, val, metric, data_key, promote)
+        alias = champion.gate(
+            client, settings.model_name, version.version, val, metric, data_key, promote
+        )
         run_id = active.info.run_id
     return {
         "model": settings.model_name,

@@ -13,8 +13,8 @@ from typing import BinaryIO
 
 from fastapi import HTTPException
 
-from pipeline import faces as face_crop
 from pipeline.config import Settings
+from pipeline.data import faces as face_crop
 
 TRIM_EVERY = 1.0  # seconds: at most one heap trim a second
 

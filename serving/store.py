@@ -11,7 +11,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.pyfunc import FaceModel
+from pipeline.registry.pyfunc import FaceModel
 
 log = logging.getLogger(__name__)
 

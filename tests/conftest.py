@@ -48,7 +48,7 @@ def astronaut_face() -> Image.Image:
     import dlib
     from skimage import data as skdata
 
-    from pipeline import faces
+    from pipeline.data import faces
 
     rgb = skdata.astronaut()
     shape = faces.landmark_model()(rgb, faces.detect(Image.fromarray(rgb).convert("L"), 0.15))
@@ -142,3 +142,8 @@ def postgres_database():
     yield name
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def upload(name: str, raw: bytes, field: str = "files", mime: str = "image/jpeg"):
+    """One multipart file part as httpx takes it."""
+    return (field, (name, raw, mime))

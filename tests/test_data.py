@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import data, labels
+from pipeline.data import dataset, labels
 from tests.conftest import synthetic_faces, write_csv
 
 EDGES = (0, 3, 18, 45, 64, 116)
@@ -14,9 +14,9 @@ EDGES = (0, 3, 18, 45, 64, 116)
 
 def test_csv_and_gzip_load_the_same_faces(tmp_path: Path) -> None:
     df = synthetic_faces(20)
-    plain = data.load(write_csv(df, tmp_path / "a.csv"), tmp_path / "c")
+    plain = dataset.load(write_csv(df, tmp_path / "a.csv"), tmp_path / "c")
     df.to_csv(tmp_path / "a.csv.gz", index=False)
-    gz = data.load(tmp_path / "a.csv.gz", tmp_path / "c")
+    gz = dataset.load(tmp_path / "a.csv.gz", tmp_path / "c")
     assert plain.images.shape == (20, 48, 48) and plain.images.dtype == np.uint8
     assert np.array_equal(plain.images, gz.images)
     assert np.array_equal(plain.age, df["age"].to_numpy())
@@ -25,15 +25,15 @@ def test_csv_and_gzip_load_the_same_faces(tmp_path: Path) -> None:
 
 def test_second_load_comes_from_the_cache(tmp_path: Path) -> None:
     path = write_csv(synthetic_faces(10), tmp_path / "a.csv")
-    first = data.load(path, tmp_path / "c")
+    first = dataset.load(path, tmp_path / "c")
     caches = list((tmp_path / ".faceopt-cache").glob("*.npz"))
     assert len(caches) == 1 and first.fingerprint[:16] in caches[0].name
     path.unlink()
     path.write_bytes(b"")  # same name, other content: must not be served from the old cache
-    with pytest.raises(data.DataError):
-        data.load(path, tmp_path / "c")
+    with pytest.raises(dataset.DataError):
+        dataset.load(path, tmp_path / "c")
     write_csv(synthetic_faces(10), path)
-    again = data.load(path, tmp_path / "c")
+    again = dataset.load(path, tmp_path / "c")
     assert np.array_equal(again.images, first.images)
 
 
@@ -43,7 +43,7 @@ def test_read_only_folder_caches_in_cache_dir(tmp_path: Path) -> None:
     path = write_csv(synthetic_faces(5), ro / "a.csv")
     ro.chmod(0o555)
     try:
-        data.load(path, tmp_path / "c")
+        dataset.load(path, tmp_path / "c")
     finally:
         ro.chmod(0o755)
     assert not (ro / ".faceopt-cache").exists()
@@ -68,8 +68,8 @@ def test_bad_row_is_named(tmp_path: Path, column: str, value: str, message: str)
     df = synthetic_faces(6).astype({column: object})
     df.loc[4, column] = value
     path = write_csv(df, tmp_path / "bad.csv")
-    with pytest.raises(data.DataError) as err:
-        data.load(path, tmp_path / "c")
+    with pytest.raises(dataset.DataError) as err:
+        dataset.load(path, tmp_path / "c")
     text = str(err.value)
     assert message in text and "row 5 (line 6)" in text and str(path) in text
     assert df.loc[4, "img_name"] in text and "--skip-bad-rows" in text
@@ -80,7 +80,7 @@ def test_skip_bad_rows_reports_and_drops(tmp_path: Path, caplog) -> None:
     df = synthetic_faces(8).astype({"gender": object})
     df.loc[2, "gender"] = "9"
     df.loc[6, "pixels"] = "1 2"
-    faces = data.load(write_csv(df, tmp_path / "bad.csv"), tmp_path / "c", skip_bad_rows=True)
+    faces = dataset.load(write_csv(df, tmp_path / "bad.csv"), tmp_path / "c", skip_bad_rows=True)
     assert len(faces) == 6
     assert set(faces.names) == set(df["img_name"].drop([2, 6]))
     assert "skipped 2 bad row(s) of 8" in caplog.text
@@ -88,14 +88,14 @@ def test_skip_bad_rows_reports_and_drops(tmp_path: Path, caplog) -> None:
 
 def test_missing_column_and_missing_file(tmp_path: Path) -> None:
     path = write_csv(synthetic_faces(3).drop(columns=["gender"]), tmp_path / "a.csv")
-    with pytest.raises(data.DataError, match=r"missing column\(s\) \['gender'\]"):
-        data.load(path, tmp_path / "c")
-    with pytest.raises(data.DataError, match="make data"):
-        data.load(tmp_path / "nope.csv", tmp_path / "c")
+    with pytest.raises(dataset.DataError, match=r"missing column\(s\) \['gender'\]"):
+        dataset.load(path, tmp_path / "c")
+    with pytest.raises(dataset.DataError, match="make data"):
+        dataset.load(tmp_path / "nope.csv", tmp_path / "c")
 
 
 def test_utkface_folder_matches_csv_conversion(utk_folder: Path, tmp_path: Path) -> None:
-    faces = data.load(utk_folder, tmp_path / "c")
+    faces = dataset.load(utk_folder, tmp_path / "c")
     assert len(faces) == 12 and faces.images.shape == (12, 48, 48)
     first = sorted(utk_folder.iterdir())[0].name
     age, gender, race = (int(x) for x in first.split("_")[:3])
@@ -105,21 +105,21 @@ def test_utkface_folder_matches_csv_conversion(utk_folder: Path, tmp_path: Path)
 
 def test_utkface_bad_names_and_files(utk_folder: Path, tmp_path: Path) -> None:
     (utk_folder / "39_1_20170116174525125.jpg.chip.jpg").write_bytes(b"x")  # no race field
-    with pytest.raises(data.DataError, match="39_1_20170116174525125.jpg.chip.jpg"):
-        data.load(utk_folder, tmp_path / "c")
+    with pytest.raises(dataset.DataError, match="39_1_20170116174525125.jpg.chip.jpg"):
+        dataset.load(utk_folder, tmp_path / "c")
     (utk_folder / "39_1_20170116174525125.jpg.chip.jpg").unlink()
     (utk_folder / "30_0_1_broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(data.DataError, match="not a readable image"):
-        data.load(utk_folder, tmp_path / "c")
-    faces = data.load(utk_folder, tmp_path / "c", skip_bad_rows=True)
+    with pytest.raises(dataset.DataError, match="not a readable image"):
+        dataset.load(utk_folder, tmp_path / "c")
+    faces = dataset.load(utk_folder, tmp_path / "c", skip_bad_rows=True)
     assert len(faces) == 12
 
 
 def test_split_is_stratified_seeded_and_disjoint(tmp_path: Path) -> None:
-    faces = data.load(write_csv(synthetic_faces(400), tmp_path / "a.csv"), tmp_path / "c")
-    a = data.split(faces, EDGES, seed=1, test_fraction=0.2, val_fraction=0.2)
-    b = data.split(faces, EDGES, seed=1, test_fraction=0.2, val_fraction=0.2)
-    c = data.split(faces, EDGES, seed=2, test_fraction=0.2, val_fraction=0.2)
+    faces = dataset.load(write_csv(synthetic_faces(400), tmp_path / "a.csv"), tmp_path / "c")
+    a = dataset.split(faces, EDGES, seed=1, test_fraction=0.2, val_fraction=0.2)
+    b = dataset.split(faces, EDGES, seed=1, test_fraction=0.2, val_fraction=0.2)
+    c = dataset.split(faces, EDGES, seed=2, test_fraction=0.2, val_fraction=0.2)
     assert a.digest() == b.digest() != c.digest()
     parts = [set(a.train), set(a.val), set(a.test)]
     assert sum(map(len, parts)) == 400 and not (parts[0] & parts[1] or parts[0] & parts[2])
@@ -139,17 +139,17 @@ def test_duplicates_never_straddle_a_split(tmp_path: Path) -> None:
                 copy["gender"] = 1 - copy["gender"]
             copies.append(copy)
     df = pd.concat([df, pd.DataFrame(copies)], ignore_index=True)
-    faces = data.load(write_csv(df, tmp_path / "dups.csv"), tmp_path / "c")
-    group = data.duplicate_groups(faces.images)
+    faces = dataset.load(write_csv(df, tmp_path / "dups.csv"), tmp_path / "c")
+    group = dataset.duplicate_groups(faces.images)
     for seed in range(5):
-        split = data.split(faces, EDGES, seed=seed, test_fraction=0.2, val_fraction=0.2)
+        split = dataset.split(faces, EDGES, seed=seed, test_fraction=0.2, val_fraction=0.2)
         sides = [set(group[part]) for part in (split.train, split.val, split.test)]
         assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
         assert len(split.train) + len(split.val) + len(split.test) == len(faces)
     found = split.duplicates
     assert (found.groups, found.conflicting_groups) == (40, 20)
     assert found.rows == sum(1 + 2 + k % 3 for k in range(40))
-    dropped = data.split(faces, EDGES, 0, 0.2, 0.2, drop_conflicting=True)
+    dropped = dataset.split(faces, EDGES, 0, 0.2, 0.2, drop_conflicting=True)
     conflicting_rows = sum(1 + 2 + k % 3 for k in range(40) if k % 2)
     assert (
         len(dropped.train) + len(dropped.val) + len(dropped.test) == len(faces) - conflicting_rows
@@ -165,10 +165,10 @@ def test_age_brackets() -> None:
 
 @pytest.mark.integration
 def test_real_csv_loads_and_caches(real_csv: Path, tmp_path: Path) -> None:
-    faces = data.load(real_csv, tmp_path / "cache")
+    faces = dataset.load(real_csv, tmp_path / "cache")
     assert len(faces) == 21783 and faces.images.shape[1:] == (48, 48)
     assert np.bincount(faces.ethnicity).tolist() == [9270, 4174, 3135, 3635, 1569]
     assert not (real_csv.parent / ".faceopt-cache").exists()  # shared data stays untouched
-    again = data.load(real_csv, tmp_path / "cache")
+    again = dataset.load(real_csv, tmp_path / "cache")
     assert np.array_equal(again.images, faces.images)
     assert pd.Series(faces.gender).value_counts().to_dict() == {0: 11366, 1: 10417}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import faces, preprocess
 from pipeline.config import Settings
+from pipeline.data import faces, preprocess
 from tests.conftest import astronaut_face, jpeg
 
 MIN_FACE = Settings().min_face

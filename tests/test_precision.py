@@ -13,8 +13,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
-from pipeline import calibrate, labels, model, preprocess, space, tracking, train, train_best
 from pipeline.config import Settings
+from pipeline.data import labels, preprocess
+from pipeline.model import network, space
+from pipeline.registry import package
+from pipeline.tracking import runs
+from pipeline.training import calibrate, train
 
 EDGES = (0, 3, 18, 45, 64, 116)
 CLASSES = labels.num_classes(EDGES)
@@ -92,9 +96,9 @@ def test_native_bf16_is_read_from_the_cpu_flags() -> None:
 
 def test_channels_last_does_not_change_the_outputs() -> None:
     torch.manual_seed(0)
-    last = model.build(CNN, CLASSES)
+    last = network.build(CNN, CLASSES)
     assert last.body[0].weight.is_contiguous(memory_format=torch.channels_last)
-    plain = model.build(CNN, CLASSES).to(memory_format=torch.contiguous_format)
+    plain = network.build(CNN, CLASSES).to(memory_format=torch.contiguous_format)
     plain.load_state_dict(last.state_dict())
     assert plain.body[0].weight.is_contiguous()
     x = torch.randn(6, 1, 48, 48)
@@ -127,7 +131,7 @@ def test_bf16_trained_weights_are_served_in_fp32_with_the_training_evaluation(
     images, y = faces(256, 0)
     data = train.Tensors(preprocess.to_model_input(images), y)
     train.seed_everything(0)
-    net = model.build(CNN, CLASSES)
+    net = network.build(CNN, CLASSES)
     bf16 = train.Precision(torch.bfloat16)
     history = train.fit(net, CNN, data, data, epochs=3, seed=0, precision=bf16)
     assert history[-1]["val_gender_acc"] > 0.9  # it learned, under bf16
@@ -142,9 +146,9 @@ def test_bf16_trained_weights_are_served_in_fp32_with_the_training_evaluation(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = tracking.ensure_experiment(client, "precision", tmp_path / "mlruns")
+    experiment = runs.ensure_experiment(client, "precision", tmp_path / "mlruns")
     with mlflow.start_run(experiment_id=experiment):
-        version = train_best.log_and_register(net, CNN, EDGES, temperatures, "p", "bf16")
+        version = package.log_and_register(net, CNN, EDGES, temperatures, "p", "bf16")
     loaded = mlflow.pyfunc.load_model(f"models:/p/{version.version}")
     served = loaded.predict(test_images)
     assert loaded.unwrap_python_model().meta["trained_precision"] == "bf16"

@@ -14,11 +14,14 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from pydantic import SecretStr
 
-from pipeline import augment, calibrate, labels, model, space, tracking, train, train_best
 from pipeline.config import PRESETS, Settings
+from pipeline.data import labels
+from pipeline.model import augment, network, space
+from pipeline.registry import package
+from pipeline.tracking import runs
+from pipeline.training import calibrate, train
 from serving.app import create_app
-from tests.conftest import LOCAL, astronaut_face, jpeg
-from tests.test_serving import upload
+from tests.conftest import LOCAL, astronaut_face, jpeg, upload
 
 EDGES = (0, 3, 18, 45, 64, 116)
 
@@ -136,9 +139,9 @@ def test_presets_fill_defaults_and_explicit_settings_win(monkeypatch) -> None:
 def register(net, temperatures: dict[str, float], settings: Settings, name: str) -> str:
     mlflow.set_tracking_uri(settings.tracking_uri)
     client = MlflowClient(settings.tracking_uri)
-    experiment = tracking.ensure_experiment(client, name, settings.artifact_root)
+    experiment = runs.ensure_experiment(client, name, settings.artifact_root)
     with mlflow.start_run(experiment_id=experiment):
-        version = train_best.log_and_register(net, PARAMS, EDGES, temperatures, name)
+        version = package.log_and_register(net, PARAMS, EDGES, temperatures, name)
     client.set_registered_model_alias(name, "champion", version.version)
     return str(version.version)
 
@@ -157,7 +160,7 @@ def test_serving_applies_the_stored_temperatures(registered: Settings, tmp_path:
     """The same network registered twice, with temperature 1 and with others: the served
     log-odds of the second are the first's divided by each head's temperature."""
     torch.manual_seed(0)
-    net = model.build(PARAMS, labels.num_classes(EDGES))
+    net = network.build(PARAMS, labels.num_classes(EDGES))
     settings = registered.model_copy(
         update={
             "model_name": "tempered",

@@ -62,9 +62,9 @@ def test_version_predicts_the_same_after_the_project_code_changes(
     project = tmp_path / "project"
     shutil.copytree(ROOT / "pipeline", project / "pipeline")
     # Today's code changes: other normalisation, another network. A version must not follow them.
-    preprocess = project / "pipeline" / "preprocess.py"
+    preprocess = project / "pipeline" / "data" / "preprocess.py"
     preprocess.write_text(preprocess.read_text().replace("MEAN = 0.5", "MEAN = 0.9"))
-    network = project / "pipeline" / "model.py"
+    network = project / "pipeline" / "model" / "network.py"
     network.write_text(
         network.read_text() + "\n\ndef build(params, classes):\n    raise SystemExit(3)\n"
     )
@@ -97,8 +97,10 @@ def test_requirements_name_every_package_the_model_code_imports(registered: Sett
     )
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = [m for m in json.loads(done.stdout.strip().splitlines()[-1]) if "." in m]
-    files = [local / "code" / "pipeline" / f"{m.split('.')[1]}.py" for m in loaded]
-    files.append(local / "code" / "pipeline" / "pyfunc_entry.py")
+    code = local / "code"
+    files = [code.joinpath(*m.split(".")).with_suffix(".py") for m in loaded]
+    files = [f if f.is_file() else f.with_suffix("") / "__init__.py" for f in files]
+    files.append(code / "pipeline" / "registry" / "pyfunc_entry.py")
     imported = set().union(*(_imports(f) for f in files)) - set(sys.stdlib_module_names)
     imported -= {"pipeline", "__future__"}
     providers = metadata.packages_distributions()

@@ -15,7 +15,7 @@ from pipeline import train_best
 from pipeline.config import Settings
 from pipeline.evaluate import in_a_photo
 from serving.app import create_app
-from tests.conftest import LOCAL, REAL_DATA, astronaut_face, jpeg
+from tests.conftest import LOCAL, REAL_DATA, astronaut_face, jpeg, upload
 
 SAMPLES = REAL_DATA / "utkface_sample"
 
@@ -39,10 +39,6 @@ def flat_png(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (90, 90, 90)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def upload(name: str, raw: bytes, field: str = "files", mime: str = "image/jpeg"):
-    return (field, (name, raw, mime))
 
 
 @pytest.fixture

@@ -6,8 +6,11 @@ import optuna
 import pytest
 import torch
 
-from pipeline import labels, model, samplers, space, train
-from pipeline.samplers import PROPOSAL_ATTR
+from pipeline.data import labels
+from pipeline.model import network, space
+from pipeline.training import train
+from pipeline.tuning import samplers
+from pipeline.tuning.samplers import PROPOSAL_ATTR
 
 CLASSES = labels.num_classes((0, 3, 18, 45, 64, 116))
 
@@ -52,7 +55,7 @@ def extreme_params(name: str, high: bool) -> dict:
 @pytest.mark.parametrize("high", [False, True])
 def test_model_builds_and_trains_at_the_extremes(name: str, high: bool) -> None:
     params = extreme_params(name, high)
-    net = model.build(params, CLASSES)
+    net = network.build(params, CLASSES)
     out = net(torch.rand(3, 1, 48, 48))
     assert {h: tuple(t.shape) for h, t in out.items()} == {
         "age": (3, 5),
@@ -71,7 +74,7 @@ def test_model_builds_and_trains_at_the_extremes(name: str, high: bool) -> None:
 @pytest.mark.parametrize("high", [False, True])
 def test_folding_batch_norm_keeps_the_outputs(name: str, high: bool) -> None:
     torch.manual_seed(0)
-    net = model.build(extreme_params(name, high), CLASSES)
+    net = network.build(extreme_params(name, high), CLASSES)
     for _ in range(3):  # running statistics and affine weights far from their initial values
         net(torch.rand(8, 1, 48, 48) * 3 + 1)
     for m in net.modules():
@@ -82,21 +85,21 @@ def test_folding_batch_norm_keeps_the_outputs(name: str, high: bool) -> None:
     x = torch.rand(5, 1, 48, 48)
     with torch.inference_mode():
         before = net(x)
-        folded = model.fold_batch_norm(net)
+        folded = network.fold_batch_norm(net)
         after = folded(x)
     norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert norms == 0
     for head, logits in before.items():
         torch.testing.assert_close(after[head], logits, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="eval mode"):
-        model.fold_batch_norm(model.build(extreme_params(name, high), CLASSES))
+        network.fold_batch_norm(network.build(extreme_params(name, high), CLASSES))
 
 
 def test_unknown_space_and_arch_are_named() -> None:
     with pytest.raises(ValueError, match="unknown search space 'rnn'"):
         space.suggest(optuna.trial.FixedTrial({}), "rnn")
     with pytest.raises(ValueError, match="unknown arch 'rnn'"):
-        model.build({"arch": "rnn"}, CLASSES)
+        network.build({"arch": "rnn"}, CLASSES)
 
 
 def mixed_space(trial: optuna.Trial) -> float:

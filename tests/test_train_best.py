@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli, train, train_best, tune
+from pipeline import cli, train_best, tune
 from pipeline.config import Settings
+from pipeline.registry import champion
+from pipeline.training import train
+from pipeline.tuning.study import StudyMismatch
 
 
 @pytest.fixture
@@ -95,13 +98,13 @@ def test_other_data_than_the_study_is_refused(tuned: Settings, tmp_path: Path) -
 
 def test_gate_reads_validation_only_and_refuses_other_splits(tuned: Settings, monkeypatch) -> None:
     seen = []
-    real_gate = train_best.gate
+    real_gate = champion.gate
 
     def spy(client, name, version, val, *args):
         seen.append(val[0])
         return real_gate(client, name, version, val, *args)
 
-    monkeypatch.setattr(train_best, "gate", spy)
+    monkeypatch.setattr(champion, "gate", spy)
     first = train_best.run(tuned)
     faces, split = train_best.study_split(tuned, train_best.load_best(tuned)[0].user_attrs)
     # The gate saw exactly the validation faces: never a test row.
@@ -129,7 +132,7 @@ def test_registry_outage_is_not_read_as_no_champion(monkeypatch) -> None:
             raise MlflowException("connection refused", error_code=INTERNAL_ERROR)
 
     with pytest.raises(MlflowException, match="connection refused"):
-        train_best.current_champion(Down(), "faces")
+        champion.current_champion(Down(), "faces")
 
     class Empty:
         def get_model_version_by_alias(self, name, alias):
@@ -137,9 +140,9 @@ def test_registry_outage_is_not_read_as_no_champion(monkeypatch) -> None:
                 f"Registered model alias {alias} not found.", error_code=INVALID_PARAMETER_VALUE
             )
 
-    assert train_best.current_champion(Empty(), "faces") is None
+    assert champion.current_champion(Empty(), "faces") is None
 
 
 def test_resuming_with_other_epochs_is_refused(tuned: Settings) -> None:
-    with pytest.raises(tune.StudyMismatch, match="epochs"):
+    with pytest.raises(StudyMismatch, match="epochs"):
         tune.run(tuned.model_copy(update={"epochs": tuned.epochs + 1}))

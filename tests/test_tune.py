@@ -6,8 +6,11 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli, train, tune
+from pipeline import cli, tune
 from pipeline.config import Settings
+from pipeline.training import train
+from pipeline.tuning import samplers
+from pipeline.tuning.study import StudyMismatch
 from tests.conftest import synthetic_faces, write_csv
 
 
@@ -28,7 +31,7 @@ def child_runs(settings: Settings) -> tuple[MlflowClient, dict, list]:
 
 
 def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> None:
-    monkeypatch.setattr(tune.samplers, "make_pruner", lambda name, epochs: PruneTrialOne())
+    monkeypatch.setattr(samplers, "make_pruner", lambda name, epochs: PruneTrialOne())
     real_fit = train.fit
 
     def fit_failing_trial_two(net, params, *args, **kwargs):
@@ -36,7 +39,7 @@ def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> 
             raise RuntimeError("boom in trial 2")
         return real_fit(net, params, *args, **kwargs)
 
-    monkeypatch.setattr(tune.train, "fit", fit_failing_trial_two)
+    monkeypatch.setattr(train, "fit", fit_failing_trial_two)
     summary = tune.run(settings.model_copy(update={"n_trials": 4}))
     assert (summary["trials"], summary["complete"], summary["pruned"], summary["fail"]) == (
         4,
@@ -103,7 +106,7 @@ def test_second_run_resumes_the_study(settings: Settings) -> None:
 def test_study_with_other_data_is_refused(settings: Settings, tmp_path: Path) -> None:
     tune.run(settings.model_copy(update={"n_trials": 1}))
     other = write_csv(synthetic_faces(240, seed=9), tmp_path / "other.csv")
-    with pytest.raises(tune.StudyMismatch, match="data_fingerprint"):
+    with pytest.raises(StudyMismatch, match="data_fingerprint"):
         tune.run(settings.model_copy(update={"n_trials": 1, "data": other}))
     study = optuna.load_study(study_name=settings.study, storage=settings.storage)
     assert len(study.trials) == 1

@@ -14,8 +14,10 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import tune, workers
+from pipeline import tune
 from pipeline.config import Settings
+from pipeline.tuning import workers
+from pipeline.tuning.study import load_data
 from tests.conftest import synthetic_faces, write_csv
 
 
@@ -92,7 +94,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
             "study": "kill",
         }
     )
-    tune.load_data(slow)  # decode once, so both workers start from the cache together
+    load_data(slow)  # decode once, so both workers start from the cache together
     a = start_worker(slow, 8, tmp_path / "a.log")
     b = start_worker(slow, 8, tmp_path / "b.log")
     storage_url = slow.storage
@@ -143,7 +145,7 @@ def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
             "n_trials": 3,
         }
     )
-    tune.load_data(slow)
+    load_data(slow)
     env = os.environ | workers.settings_env(slow)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "tune"],

@@ -15,7 +15,9 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from pipeline import calibrate, labels, model, preprocess
+from pipeline.data import labels, preprocess
+from pipeline.model import network
+from pipeline.training import calibrate
 
 
 def metadata(
@@ -43,27 +45,36 @@ def metadata(
 
 
 # The modules MLflow runs when it loads the model; the pipeline modules they import follow.
-ENTRY_MODULES = ("pipeline.pyfunc_entry", "pipeline.pyfunc")
+ENTRY_MODULES = ("pipeline.registry.pyfunc_entry", "pipeline.registry.pyfunc")
+ROOT = Path(__file__).parents[1]  # the pipeline package
+
+
+def _source(module: str) -> Path | None:
+    """The file of a pipeline module or package; None for a name inside one."""
+    path = ROOT.joinpath(*module.split(".")[1:])
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def imported_modules(entry: tuple[str, ...] = ENTRY_MODULES) -> set[str]:
     """Top-level names of every module the model's code imports (read from its source, lazy
     imports included), following imports within the pipeline package."""
-    package = Path(__file__).parent
     todo, seen, found = list(entry), set(), set()
     while todo:
         name = todo.pop()
-        if name in seen:
+        source = _source(name)
+        if name in seen or source is None:
             continue
         seen.add(name)
-        tree = ast.parse((package / f"{name.split('.')[-1]}.py").read_text())
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(source.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-                if node.module == "pipeline":  # from pipeline import a, b
-                    names = [f"pipeline.{alias.name}" for alias in node.names]
+                if node.module.startswith("pipeline"):  # from pipeline.data import a, b
+                    names += [f"{node.module}.{alias.name}" for alias in node.names]
             else:
                 continue
             for module in names:
@@ -104,10 +115,10 @@ class FaceModel(PythonModel):
     def load_context(self, context) -> None:
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
         classes = {head: len(names) for head, names in self.meta["classes"].items()}
-        self.net = model.build(self.meta["params"], classes)
+        self.net = network.build(self.meta["params"], classes)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
-        self.net = model.fold_batch_norm(self.net.eval())
+        self.net = network.fold_batch_norm(self.net.eval())
 
     @torch.inference_mode()
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:

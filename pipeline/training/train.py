@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import augment, labels, preprocess
-from pipeline.data import FaceSet
+from pipeline.data import labels, preprocess
+from pipeline.data.dataset import FaceSet
+from pipeline.model import augment
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import face_recognition_models
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import preprocess
+from pipeline.data import preprocess
 
 CHIP_SIZE = 200  # UTKFace's crops
 CHIP_PADDING = 0.2

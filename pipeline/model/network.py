@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline import preprocess
+from pipeline.data import preprocess
 
 
 class FaceNet(nn.Module):

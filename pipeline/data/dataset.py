@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline import labels, preprocess
+from pipeline.data import labels, preprocess
 
 log = logging.getLogger(__name__)
 

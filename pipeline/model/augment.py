@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline import preprocess
+from pipeline.data import preprocess
 
 # The model-input values of pixels 0 and 255: augmentation never leaves this range.
 LOW = (0.0 - preprocess.MEAN) / preprocess.STD

@@ -5,6 +5,6 @@ It is never imported by the pipeline itself (set_model registers a model as a si
 
 import mlflow
 
-from pipeline.pyfunc import FaceModel
+from pipeline.registry.pyfunc import FaceModel
 
 mlflow.models.set_model(FaceModel())

@@ -8,7 +8,7 @@ from functools import partial
 
 import optuna
 
-from pipeline import labels
+from pipeline.data import labels
 
 OPTIMIZERS = ("Adam", "Adadelta", "RMSprop", "SGD", "MADGRAD")
 BATCH_SIZES = (32, 64, 128, 256)

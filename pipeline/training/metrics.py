@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, f1_score
 
-from pipeline import calibrate, labels
+from pipeline.data import labels
+from pipeline.training import calibrate
 
 GROUPS = ("ethnicity", "gender", "age")
 BOOTSTRAP = 1000  # resamples behind each interval

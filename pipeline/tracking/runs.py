@@ -6,13 +6,16 @@ n_jobs > 1 and when several processes share a study. Run ids passed explicitly w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -22,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.storage import enable_wal
+from pipeline.tracking import report
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,50 @@ def log_json(client: MlflowClient, run_id: str, obj: dict, name: str) -> None:
         path = Path(tmp) / name
         path.write_text(json.dumps(obj, indent=2, default=str))
         client.log_artifact(run_id, str(path))
+
+
+@contextlib.contextmanager
+def parent_run(
+    client: MlflowClient,
+    run_id: str,
+    study: optuna.Study,
+    metric: str,
+    plots: Callable[[], bool] = lambda: True,
+) -> Iterator[str]:
+    """The parent run of one invocation, closed however the block ends: FINISHED, KILLED on
+    Ctrl-C, FAILED on an error; with the study's summary and (if `plots()`) its plots."""
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        close_parent(client, run_id, study, status, metric, plots=plots())
+
+
+def close_parent(
+    client, run_id: str, study: optuna.Study, status: str, metric: str, plots: bool = True
+) -> None:
+    """Summary and plots on the parent run; never lets a plotting problem hide the study's result."""
+    summary = report.summary(study)
+    try:
+        numbers = {k: summary[k] for k in ("trials", "complete", "pruned", "fail")}
+        if "best_value" in summary and math.isfinite(summary["best_value"]):
+            numbers["best_value"] = summary["best_value"]
+        log_metrics(client, run_id, numbers)
+        log_json(client, run_id, summary, "summary.json")
+        if plots:
+            log_plots(client, run_id, study, metric)
+    finally:
+        client.set_terminated(run_id, status=status)
+
+
+def log_plots(client, run_id: str, study: optuna.Study, metric: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in report.write_plots(study, Path(tmp), f"val {metric} accuracy"):
+            client.log_artifact(run_id, str(path), artifact_path="plots")
 
 
 class TrialLogger:

@@ -1,0 +1,1 @@
+"""What a trial chooses and what it builds: search spaces, networks, augmentation."""

@@ -1,0 +1,1 @@
+"""The registered model: its pyfunc package, and promotion under the champion alias."""

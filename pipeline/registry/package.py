@@ -1,0 +1,43 @@
+"""Logging a trained network as an MLflow pyfunc model and registering it."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from pipeline.registry import pyfunc
+
+
+def log_and_register(
+    net, params: dict, edges, temperatures: dict[str, float], name: str, precision: str = "fp32"
+) -> mlflow.entities.model_registry.ModelVersion:
+    """Log the pyfunc (weights, params, labels, temperatures, preprocessing) and register it."""
+    import pipeline
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The signature is given explicitly, so MLflow's hint about type-hinted predict() is noise.
+        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+        weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "meta.json"
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
+        meta.write_text(
+            json.dumps(pyfunc.metadata(params, edges, temperatures, precision), indent=2)
+        )
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            # Models from code: the class is loaded from source, not unpickled; code_paths carries
+            # this pipeline package with the model, so the version keeps predicting the same
+            # after the project's code changes (in a process that has not imported it already).
+            python_model=str(Path(pyfunc.__file__).with_name("pyfunc_entry.py")),
+            artifacts={"weights": str(weights), "meta": str(meta)},
+            code_paths=[str(Path(pipeline.__file__).parent)],
+            signature=pyfunc.signature(edges),
+            input_example=np.full((1, 48, 48), 128, dtype=np.uint8),
+            pip_requirements=pyfunc.requirements(),
+        )
+    return mlflow.register_model(info.model_uri, name)

@@ -1,0 +1,1 @@
+"""MLflow runs of studies and trials, and the study's report."""

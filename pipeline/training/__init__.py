@@ -1,0 +1,1 @@
+"""Training and measuring one network: the loop, precision, calibration, metrics."""

@@ -1,0 +1,1 @@
+"""The Optuna side of a study: creating it, the objective, samplers and pruners, workers."""

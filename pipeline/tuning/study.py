@@ -1,0 +1,93 @@
+"""Creating or resuming a study: its data and split, and the setup every later run must share."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import optuna
+from optuna.storages import BaseStorage
+
+from pipeline import storage
+from pipeline.config import Settings
+from pipeline.data import dataset
+from pipeline.tuning import samplers
+
+# Recorded on the study when it is created; a later run on the same study must agree, so that
+# trials stay comparable and train-best rebuilds exactly the split the study selected on.
+# Epochs too: a trial's schedule spans its epochs, so trials of other lengths are not comparable.
+STUDY_ATTRS = ("data_fingerprint", "split_digest", "space", "metric", "age_edges", "epochs")
+LIBRARIES = ("torch", "optuna", "mlflow", "numpy", "scikit-optimize", "madgrad", "faceopt")
+
+
+class StudyMismatch(ValueError):
+    """The named study was created with other data, split, space or metric."""
+
+
+def study_attrs(settings: Settings, faces: dataset.FaceSet, split: dataset.Split) -> dict:
+    return {
+        "data_fingerprint": faces.fingerprint,
+        "split_digest": split.digest(),
+        "split_seed": split.seed,
+        "test_fraction": settings.test_fraction,
+        "val_fraction": settings.val_fraction,
+        "drop_conflicting": settings.skip_bad_rows,
+        "space": settings.space,
+        "metric": settings.metric,
+        "age_edges": list(settings.age_edges),
+        "epochs": settings.epochs,
+    }
+
+
+def open_study(
+    settings: Settings, attrs: dict, store: BaseStorage | str | None = None, salt: int = 0
+) -> optuna.Study:
+    """Create the study or load it (load_if_exists), checking it was made with the same setup."""
+    study = optuna.create_study(
+        storage=store or settings.storage,
+        study_name=settings.study,
+        direction="maximize",
+        pruner=samplers.make_pruner(settings.pruner, settings.epochs),
+        load_if_exists=True,
+    )
+    # A resumed study must not replay the same random draws: seed by how far the study got,
+    # and (salt) by worker, so processes joining at once do not propose the same points.
+    study.sampler = samplers.make_sampler(
+        settings.sampler, settings.seed + len(study.trials) + salt, **settings.sampler_args
+    )
+    recorded = study.user_attrs
+    if not recorded:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        return study
+    for key in STUDY_ATTRS:
+        if recorded.get(key) != attrs[key]:
+            raise StudyMismatch(
+                f"study {settings.study!r} in {storage.redact(settings.storage)} was created with {key}="
+                f"{recorded.get(key)!r}, this run has {attrs[key]!r}; use the same settings "
+                "to add trials to it, or a new STUDY name"
+            )
+    return study
+
+
+def load_data(settings: Settings) -> tuple[dataset.FaceSet, dataset.Split, dict]:
+    faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
+    split = dataset.split(
+        faces,
+        settings.age_edges,
+        settings.split_seed_or_seed,
+        settings.test_fraction,
+        settings.val_fraction,
+        drop_conflicting=settings.skip_bad_rows,
+    )
+    return faces, split, study_attrs(settings, faces, split)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
