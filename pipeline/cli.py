@@ -15,6 +15,7 @@ import optuna
 from pydantic import ValidationError
 
 from pipeline.config import Settings
+from pipeline.errors import FaceoptError
 
 log = logging.getLogger("faceopt")
 
@@ -155,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except ValueError:
         contexts = (0.0,)  # not numbers: the same message as a size under 1
     if any(c < 1 for c in contexts):
-        raise ValueError(
+        raise evaluate.EvaluateError(
             f"--context takes sizes of 1 or more (the photo's side over the face's), got {args.context}"
         )
     for k in ("photos", "version", "surround", "context"):
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except ValidationError as e:
         print(f"faceopt {args.command}: invalid setting: {e}", file=sys.stderr)
-    except (ValueError, FileNotFoundError) as e:  # DataError and StudyMismatch are ValueErrors
+    except FaceoptError as e:  # the user's to fix: the message says how; a bug keeps its traceback
         print(f"faceopt {args.command}: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted; the study is saved, run the same command to resume", file=sys.stderr)

@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 from pipeline import storage
 from pipeline.config import Settings
 from pipeline.data import dataset, faces, labels, preprocess
+from pipeline.errors import FaceoptError
 from pipeline.tracking import runs
 
 SURROUNDS = ("blur", "mean")
 NO_ANSWER = -1  # the prediction recorded for a photo the service gives no labels for
 
 
-class EvaluateError(ValueError):
+class EvaluateError(FaceoptError, ValueError):
     """The photos or the version cannot be evaluated as asked."""
 
 

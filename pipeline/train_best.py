@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from pipeline import storage
 from pipeline.config import Settings
 from pipeline.data import dataset, labels
+from pipeline.errors import FaceoptError
 from pipeline.model import network, space
 from pipeline.registry import champion, package
 from pipeline.tracking import runs
@@ -27,7 +28,7 @@ from pipeline.training import calibrate, metrics, train
 log = logging.getLogger(__name__)
 
 
-class TrainBestError(ValueError):
+class TrainBestError(FaceoptError, ValueError):
     """The study cannot be retrained as asked (missing, empty, or other data)."""
 
 

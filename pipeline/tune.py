@@ -16,6 +16,7 @@ import torch
 from pipeline import storage
 from pipeline.config import Settings
 from pipeline.data import dataset
+from pipeline.errors import FaceoptError
 from pipeline.tracking import report, runs
 from pipeline.training import train
 from pipeline.tuning import workers
@@ -23,6 +24,10 @@ from pipeline.tuning.objective import catch_sigint, make_objective
 from pipeline.tuning.study import load_data, open_study, versions
 
 log = logging.getLogger(__name__)
+
+
+class TrialsFailed(FaceoptError):
+    """Every trial this invocation ran failed: a broken objective must not look like a result."""
 
 
 def run(settings: Settings) -> dict:
@@ -121,6 +126,12 @@ def run_worker(
     )
     with lifecycle, catch_sigint():
         _optimize(study, objective, logger, settings, until, progress)
+        ran = logger.states.total()
+        if ran and logger.states[optuna.trial.TrialState.FAIL] == ran:
+            raise TrialsFailed(
+                f"all {ran} trials of this run failed; the first: "
+                f"{logger.first_error or 'it failed before its MLflow run was made (see above)'}"
+            )
     return report.summary(study)
 
 

@@ -147,6 +147,21 @@ def test_cli_tune_prints_the_summary(settings: Settings, capsys) -> None:
     assert "Number of finished trials: 2" in out and "Best trial: #" in out
 
 
+def test_cli_tune_fails_when_every_trial_fails(settings: Settings, monkeypatch, capsys) -> None:
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("boom: the objective is broken")
+
+    monkeypatch.setattr(train, "fit", broken_fit)
+    args = ["tune", "--data", str(settings.data), "--storage", settings.storage]
+    args += ["--tracking-uri", settings.tracking_uri, "--study", "broken", "--n-trials", "2"]
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "all 2 trials of this run failed" in err and "boom: the objective is broken" in err
+    client, parents, _ = child_runs(settings.model_copy(update={"study": "broken"}))
+    assert [p.info.status for p in parents.values()] == ["FAILED"]
+
+
 def test_cli_errors_say_what_to_do(tmp_path: Path, capsys) -> None:
     code = cli.main(
         ["tune", "--data", str(tmp_path / "missing.csv"), "--storage", f"sqlite:///{tmp_path}/o.db"]

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from pipeline.errors import FaceoptError
 from pipeline.data import labels, preprocess
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ LABEL_RANGES = {
 }
 
 
-class DataError(ValueError):
+class DataError(FaceoptError, ValueError):
     """The dataset is missing or malformed; the message says where and what was expected."""
 
 

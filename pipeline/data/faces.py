@@ -20,6 +20,7 @@ import face_recognition_models
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import FaceoptError
 from pipeline.data import preprocess
 
 CHIP_SIZE = 200  # UTKFace's crops
@@ -50,7 +51,7 @@ _predictor_lock = threading.Lock()
 _predictor: dlib.shape_predictor | None = None
 
 
-class ImageError(ValueError):
+class ImageError(FaceoptError, ValueError):
     """The upload is not an image we can read."""
 
 

@@ -9,6 +9,7 @@ from functools import partial
 import optuna
 
 from pipeline.data import labels
+from pipeline.errors import SettingError
 
 OPTIMIZERS = ("Adam", "Adadelta", "RMSprop", "SGD", "MADGRAD")
 BATCH_SIZES = (32, 64, 128, 256)
@@ -93,5 +94,5 @@ SPACES: dict[str, Callable[[optuna.Trial], dict]] = {
 def suggest(trial: optuna.Trial, space: str) -> dict:
     """Params for one trial of the named space."""
     if space not in SPACES:
-        raise ValueError(f"unknown search space {space!r}; expected one of {sorted(SPACES)}")
+        raise SettingError(f"unknown search space {space!r}; expected one of {sorted(SPACES)}")
     return SPACES[space](trial)

@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -133,6 +134,9 @@ class TrialLogger:
         # Epoch metrics are logged asynchronously so training never waits on the store; a run's
         # pending writes are awaited before it is closed.
         self._pending: dict[str, list] = {}
+        # What this process's trials came to, so an invocation whose every trial failed says so.
+        self.states: Counter[optuna.trial.TrialState] = Counter()
+        self.first_error: str | None = None
 
     def start(self, trial: optuna.Trial) -> str:
         worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -180,6 +184,8 @@ class TrialLogger:
 
     def fail(self, run_id: str, error: BaseException, status: str = "FAILED") -> None:
         """Record why a trial failed; for interrupts also close the run (no callback will)."""
+        if self.first_error is None:
+            self.first_error = f"{type(error).__name__}: {error} (traceback on MLflow run {run_id})"
         tags = {
             "error": f"{type(error).__name__}: {error}"[:5000],
             "traceback": "".join(traceback.format_exception(error))[-5000:],
@@ -196,6 +202,7 @@ class TrialLogger:
             self._close(run_id, tags, "FAILED")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.states[trial.state] += 1
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id is None:  # the trial failed before its run was created
             return

@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.data import labels, preprocess
 from pipeline.data.dataset import FaceSet
+from pipeline.errors import SettingError
 from pipeline.model import augment
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,14 @@ def select_precision(device: torch.device, choice: str = "auto") -> Precision:
         else:
             choice = "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
     if choice == "fp16" and device.type != "cuda":
-        raise ValueError(
+        raise SettingError(
             f"precision fp16 needs a CUDA GPU, this run is on {device.type}; use bf16 or fp32"
         )
     if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("precision bf16 is not supported by this GPU; use fp16 or fp32")
+        raise SettingError("precision bf16 is not supported by this GPU; use fp16 or fp32")
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if choice not in dtypes:
-        raise ValueError(f"unknown precision {choice!r}; expected auto, fp32, bf16 or fp16")
+        raise SettingError(f"unknown precision {choice!r}; expected auto, fp32, bf16 or fp16")
     return Precision(dtypes[choice])
 
 

@@ -19,6 +19,8 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from pipeline.errors import SettingError
+
 log = logging.getLogger(__name__)
 
 PROPOSAL_ATTR = "skopt:proposal"
@@ -43,11 +45,11 @@ class SkoptSampler(BaseSampler):
         seed: int | None = None,
     ):
         if base_estimator not in {"ET", "RF", "GP", "GBRT"}:
-            raise ValueError(
+            raise SettingError(
                 f"skopt base_estimator {base_estimator!r}; expected ET, RF, GP or GBRT"
             )
         if acq_func not in {"EI", "PI", "LCB", "gp_hedge"}:
-            raise ValueError(f"skopt acq_func {acq_func!r}; expected EI, PI, LCB or gp_hedge")
+            raise SettingError(f"skopt acq_func {acq_func!r}; expected EI, PI, LCB or gp_hedge")
         self._options = {
             "base_estimator": base_estimator,
             "n_initial_points": n_initial_points,
@@ -212,11 +214,11 @@ def make_sampler(name: str, seed: int | None, **kwargs: Any) -> BaseSampler:
         ),
     }
     if name not in factories:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(factories)}")
+        raise SettingError(f"unknown sampler {name!r}; expected one of {sorted(factories)}")
     try:
         return factories[name]()
     except TypeError as e:
-        raise ValueError(f"bad sampler arguments for {name!r}: {kwargs} ({e})") from e
+        raise SettingError(f"bad sampler arguments for {name!r}: {kwargs} ({e})") from e
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -232,5 +234,5 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
         "none": lambda: optuna.pruners.NopPruner(),
     }
     if name not in factories:
-        raise ValueError(f"unknown pruner {name!r}; expected one of {sorted(factories)}")
+        raise SettingError(f"unknown pruner {name!r}; expected one of {sorted(factories)}")
     return factories[name]()

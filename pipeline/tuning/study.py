@@ -11,6 +11,7 @@ from optuna.storages import BaseStorage
 from pipeline import storage
 from pipeline.config import Settings
 from pipeline.data import dataset
+from pipeline.errors import FaceoptError
 from pipeline.tuning import samplers
 
 # Recorded on the study when it is created; a later run on the same study must agree, so that
@@ -20,7 +21,7 @@ STUDY_ATTRS = ("data_fingerprint", "split_digest", "space", "metric", "age_edges
 LIBRARIES = ("torch", "optuna", "mlflow", "numpy", "scikit-optimize", "madgrad", "faceopt")
 
 
-class StudyMismatch(ValueError):
+class StudyMismatch(FaceoptError, ValueError):
     """The named study was created with other data, split, space or metric."""
 
 
