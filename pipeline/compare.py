@@ -11,7 +11,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import tune
+from pipeline import storage, tune
 from pipeline.config import Settings
 from pipeline.tracking import runs
 from pipeline.tuning import workers
@@ -33,7 +33,7 @@ def run_studies(settings: Settings, samplers: list[str], seeds: int, prefix: str
     for sampler in samplers:
         for k in range(seeds):
             name = study_name(prefix, sampler, k)
-            done = _finished(settings.storage, name)
+            done = _finished(settings, name)
             if done < settings.n_trials:
                 log.info(
                     "study %s: %d of %d trials finished, running the rest",
@@ -55,14 +55,20 @@ def run_studies(settings: Settings, samplers: list[str], seeds: int, prefix: str
             else:
                 log.info("study %s already has %d finished trials: skipped", name, done)
             studies.setdefault(sampler, []).append(
-                optuna.load_study(study_name=name, storage=settings.storage)
+                storage.load_study(
+                    settings.storage, name, settings.heartbeat_interval, settings.grace_period
+                )
             )
     return studies
 
 
-def _finished(storage: str, name: str) -> int:
+def _finished(settings: Settings, name: str) -> int:
     try:
-        return workers.finished(optuna.load_study(study_name=name, storage=storage))
+        return workers.finished(
+            storage.load_study(
+                settings.storage, name, settings.heartbeat_interval, settings.grace_period
+            )
+        )
     except KeyError:
         return 0
 

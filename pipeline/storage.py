@@ -93,6 +93,14 @@ def open_storage(
         )
 
 
+def load_study(url: str, name: str, heartbeat_interval: int, grace_period: int) -> optuna.Study:
+    """An existing study, through open_storage like every other user of a study (journal: too);
+    KeyError when there is none."""
+    return optuna.load_study(
+        study_name=name, storage=open_storage(url, heartbeat_interval, grace_period)
+    )
+
+
 def retry_stale(max_retry: int, before: StaleCallback | None = None) -> StaleCallback:
     """Run `before` (close the trial's MLflow run), then queue the trial again with its params."""
     # Optuna 4.9 renamed the callback; take the new name where it exists.

@@ -35,7 +35,9 @@ class TrainBestError(FaceoptError, ValueError):
 def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTrial, dict]:
     """The study, its best trial and that trial's params rebuilt through space.suggest."""
     try:
-        study = optuna.load_study(study_name=settings.study, storage=settings.storage)
+        study = storage.load_study(
+            settings.storage, settings.study, settings.heartbeat_interval, settings.grace_period
+        )
     except KeyError as e:
         raise TrainBestError(
             f"no study {settings.study!r} in {storage.redact(settings.storage)}: run `make tune` first "

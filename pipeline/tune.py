@@ -204,7 +204,9 @@ def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data
 
 def report_run(settings: Settings, run_id: str | None = None) -> str:
     """Plots and summary of the whole study, on `run_id` or on a new run in its experiment."""
-    study = optuna.load_study(study_name=settings.study, storage=settings.storage)
+    study = storage.load_study(
+        settings.storage, settings.study, settings.heartbeat_interval, settings.grace_period
+    )
     client = runs.client_for(settings.tracking_uri)
     if run_id is None:
         experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)

@@ -146,3 +146,21 @@ def test_registry_outage_is_not_read_as_no_champion(monkeypatch) -> None:
 def test_resuming_with_other_epochs_is_refused(tuned: Settings) -> None:
     with pytest.raises(StudyMismatch, match="epochs"):
         tune.run(tuned.model_copy(update={"epochs": tuned.epochs + 1}))
+
+
+def test_journal_storage_end_to_end(settings: Settings, tmp_path: Path, capsys) -> None:
+    """A journal file can be tuned, reported, retrained and compared, like any other storage."""
+    journal = settings.model_copy(
+        update={"storage": f"journal:{tmp_path / 'study.log'}", "n_trials": 2, "train_epochs": 2}
+    )
+    tune.run(journal)
+    flags = ["--storage", journal.storage, "--tracking-uri", journal.tracking_uri]
+    flags += ["--study", journal.study, "--data", str(journal.data)]
+    assert cli.main(["report", *flags]) == 0
+    assert f"plots and summary of study {journal.study!r} logged to run" in capsys.readouterr().out
+    result = train_best.run(journal)
+    assert result["alias"] == "champion" and result["epochs"] == 2
+    from pipeline import compare
+
+    studies = compare.run_studies(journal.model_copy(update={"n_trials": 1}), ["random"], 1, "j")
+    assert len(studies["random"][0].trials) == 1
