@@ -69,11 +69,15 @@ def _add(parser: argparse.ArgumentParser, flags: dict) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """Environment first, then any flag given on the command line."""
-    overrides = {
-        k: v for k, v in vars(args).items() if v is not None and k not in {"command", "func"}
-    }
-    return Settings(**overrides)
+    """Environment first, then any flag given on the command line. A command's flags that are not
+    settings are named in its `own` default; any other flag must name a setting (Settings ignores
+    unknown names, so a mistyped `dest` would otherwise be dropped without a word)."""
+    skip = {"command", "func", "verbose", "own", *args.own}
+    given = {k: v for k, v in vars(args).items() if k not in skip}
+    unknown = set(given) - set(Settings.model_fields)
+    if unknown:
+        raise TypeError(f"flags {sorted(unknown)} are neither settings nor in `own`")
+    return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -93,14 +97,11 @@ def cmd_tune_worker(args: argparse.Namespace) -> int:
     from pipeline.tracking import report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    extra = {k: getattr(args, k) for k in ("parent_run_id", "until", "quiet")}
-    for k in extra:
-        delattr(args, k)
     settings = _settings(args)
     summary = tune.run_worker(
-        settings, extra["parent_run_id"], extra["until"] or settings.n_trials, not extra["quiet"]
+        settings, args.parent_run_id, args.until or settings.n_trials, not args.quiet
     )
-    if not extra["quiet"]:
+    if not args.quiet:
         print(report.format_summary(summary))
     return 0
 
@@ -109,21 +110,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline import compare
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers, seeds, prefix = args.samplers.split(","), args.seeds, args.prefix
-    del args.samplers, args.seeds, args.prefix
-    table, run_id = compare.run(_settings(args), samplers, seeds, prefix)
+    settings = _settings(args)
+    table, run_id = compare.run(settings, args.samplers.split(","), args.seeds, args.prefix)
     print(table)
-    print(f"comparison logged to MLflow run {run_id} (experiment {prefix}-comparison)")
+    print(f"comparison logged to MLflow run {run_id} (experiment {args.prefix}-comparison)")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline import tune
 
-    run_id = args.run_id
-    del args.run_id
     settings = _settings(args)
-    run_id = tune.report_run(settings, run_id)
+    run_id = tune.report_run(settings, args.run_id)
     print(f"plots and summary of study {settings.study!r} logged to run {run_id}")
     return 0
 
@@ -131,9 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_train_best(args: argparse.Namespace) -> int:
     from pipeline import train_best
 
-    promote = args.promote
-    del args.promote
-    result = train_best.run(_settings(args), promote=promote)
+    result = train_best.run(_settings(args), promote=args.promote)
     heads = ", ".join(f"{h} {result[f'test_{h}_acc']:.4f}" for h in ("age", "ethnicity", "gender"))
     print(
         f"Registered {result['model']} version {result['version']} as '{result['alias']}' "
@@ -150,7 +146,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """The service's answers on a folder of labelled photos, next to the dataset's conversion."""
     from pipeline import evaluate
 
-    photos, version, surround = args.photos, args.version, args.surround
     try:
         contexts = tuple(float(c) for c in args.context.split(","))
     except ValueError:
@@ -159,9 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise evaluate.EvaluateError(
             f"--context takes sizes of 1 or more (the photo's side over the face's), got {args.context}"
         )
-    for k in ("photos", "version", "surround", "context"):
-        delattr(args, k)
-    result = evaluate.run(_settings(args), Path(photos), version, contexts, surround)
+    settings = _settings(args)
+    result = evaluate.run(settings, Path(args.photos), args.version, contexts, args.surround)
     print(evaluate.table(result))
     print(f"logged to run {result['run_id']} of {result['model']} version {result['version']}")
     return 0
@@ -289,6 +283,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="faceopt", description=__doc__)
+    p.set_defaults(own=())  # a command's flags that are not settings (see _settings)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -319,7 +314,7 @@ def parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--parent-run-id", help="log trials under this MLflow run")
     worker.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    worker.set_defaults(func=cmd_tune_worker)
+    worker.set_defaults(func=cmd_tune_worker, own=("parent_run_id", "until", "quiet"))
 
     cmp = sub.add_parser("compare-samplers", help="one study per sampler and seed, compared")
     _add(cmp, COMMON)
@@ -328,19 +323,19 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--samplers", default="random,tpe,skopt,gp")
     cmp.add_argument("--seeds", type=int, default=3)
     cmp.add_argument("--prefix", default="compare", help="study names: <prefix>-<sampler>-s<k>")
-    cmp.set_defaults(func=cmd_compare)
+    cmp.set_defaults(func=cmd_compare, own=("samplers", "seeds", "prefix"))
 
     rep = sub.add_parser("report", help="log the study's plots and summary to MLflow")
     _add(rep, COMMON)
     rep.add_argument("--run-id", help="log to this run instead of a new one")
-    rep.set_defaults(func=cmd_report)
+    rep.set_defaults(func=cmd_report, own=("run_id",))
 
     best = sub.add_parser("train-best", help="retrain the best trial, test it, register it")
     _add(best, COMMON)
     _add(best, TRAIN_BEST)
     _add(best, TRAINING)
     best.add_argument("--promote", action="store_true", help="make it champion even if worse")
-    best.set_defaults(func=cmd_train_best)
+    best.set_defaults(func=cmd_train_best, own=("promote",))
 
     ev = sub.add_parser(
         "evaluate", help="a registered version on a folder of photos, through the service's crop"
@@ -359,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--tracking-uri", dest="tracking_uri")
     ev.add_argument("--model-name", dest="model_name")
     ev.add_argument("--min-face", dest="min_face", type=float, help="as the service's setting")
-    ev.set_defaults(func=cmd_evaluate)
+    ev.set_defaults(func=cmd_evaluate, own=("photos", "version", "surround", "context"))
 
     serve = sub.add_parser("serve", help="start the FastAPI service on the registered champion")
     serve.add_argument("--tracking-uri", dest="tracking_uri")
@@ -411,10 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    func = args.func
-    del args.verbose, args.func
     try:
-        return func(args)
+        return args.func(args)
     except ValidationError as e:
         print(f"faceopt {args.command}: invalid setting: {e}", file=sys.stderr)
     except FaceoptError as e:  # the user's to fix: the message says how; a bug keeps its traceback

@@ -181,3 +181,20 @@ def test_real_data_study(real_csv: Path, settings: Settings) -> None:
     _, parents, children = child_runs(settings)
     assert len(children) == 2
     assert next(iter(parents.values())).data.params["split_train"] == "13941"
+
+
+@pytest.mark.parametrize(
+    "command", ["tune", "tune-worker", "compare-samplers", "report", "train-best", "serve", "ui"]
+)
+def test_every_flag_is_a_setting_or_the_commands_own(command: str) -> None:
+    args = cli.parser().parse_args([command])
+    assert isinstance(cli._settings(args), Settings)
+    args.n_trails = 3  # a mistyped dest is an error, not silently ignored
+    with pytest.raises(TypeError, match="n_trails"):
+        cli._settings(args)
+
+
+def test_evaluate_flags() -> None:
+    args = cli.parser().parse_args(["evaluate", "--photos", "x", "--min-face", "0.2"])
+    assert args.own == ("photos", "version", "surround", "context")
+    assert cli._settings(args).min_face == 0.2
