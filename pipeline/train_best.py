@@ -7,9 +7,9 @@ import copy
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import optuna
 import torch
 from mlflow.exceptions import MlflowException
@@ -93,6 +93,7 @@ def fit_best(
     metric: str,
     classes: dict[str, int],
     precision: train.Precision,
+    log_scores: Callable[[dict[str, float], int], None],
 ) -> tuple[torch.nn.Module, list[dict], int]:
     """Train up to train_epochs with early stopping on validation; returns the best epoch's weights.
 
@@ -105,7 +106,7 @@ def fit_best(
     bar = tqdm(total=settings.train_epochs, desc="train-best", unit="epoch")
 
     def on_epoch(epoch: int, scores: dict[str, float]) -> bool:
-        mlflow.log_metrics(scores, step=epoch)
+        log_scores(scores, epoch)
         bar.update()
         bar.set_postfix(
             {key: f"{scores[key]:.4f}", "best": f"{max(best['value'], scores[key]):.4f}"}
@@ -145,13 +146,20 @@ def calibrate_and_test(
     return temperatures, pred, truth, calibrate.report(logits, test.y, temperatures)
 
 
-def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: dict) -> dict:
-    """Metrics, confusion matrices, per-group table and model card on the active run."""
+def log_evaluation(
+    client: MlflowClient,
+    run_id: str,
+    pred: dict,
+    truth: dict,
+    edges: tuple[int, ...],
+    card_info: dict,
+) -> dict:
+    """Metrics, confusion matrices, per-group table and model card on the run."""
     names = labels.class_names(edges)
     scores = metrics.head_metrics(pred, truth) | metrics.bootstrap_intervals(pred, truth)
     table = metrics.per_group(pred, truth, names)
     gaps = metrics.group_gaps(table)
-    mlflow.log_metrics(scores | {f"ethnicity_gap_{k}": v for k, v in gaps.items()})
+    runs.log_metrics(client, run_id, scores | {f"ethnicity_gap_{k}": v for k, v in gaps.items()})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for head, matrix in metrics.confusions(pred, truth, names).items():
@@ -161,7 +169,7 @@ def log_evaluation(pred: dict, truth: dict, edges: tuple[int, ...], card_info: d
         table.to_csv(out / "per_group.csv", index=False)
         (out / "per_group.md").write_text(metrics.markdown_table(table) + "\n")
         (out / "model_card.md").write_text(metrics.model_card(card_info, scores, table))
-        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+        client.log_artifacts(run_id, str(out), artifact_path="evaluation")
     return scores
 
 
@@ -207,35 +215,33 @@ def run(settings: Settings, promote: bool = False) -> dict:
         for part in ("train", "val", "test")
     }
 
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    client = MlflowClient(settings.tracking_uri)
+    client = runs.client_for(settings.tracking_uri)
     experiment_id = runs.ensure_experiment(client, study.study_name, settings.artifact_root)
     started = time.time()
+    tags = lineage_tags(study, best, client) | {
+        "device": str(device),
+        "precision": precision.name,
+        "data.fingerprint": faces.fingerprint,
+        "split.digest": split.digest(),
+    }
     run_name = f"train-best-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, tags=lineage_tags(study, best, client)
-    ) as active:
-        mlflow.log_params(
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    with runs.ended(client, run_id):
+        runs.log_params(
+            client,
+            run_id,
             params
-            | {
-                "seed": seed,
-                "train_epochs": settings.train_epochs,
-                "patience": settings.patience,
-            }
+            | {"seed": seed, "train_epochs": settings.train_epochs, "patience": settings.patience},
         )
-        mlflow.set_tags(
-            {
-                "device": str(device),
-                "precision": precision.name,
-                "data.fingerprint": faces.fingerprint,
-                "split.digest": split.digest(),
-            }
-        )
+
+        def log_scores(scores: dict[str, float], epoch: int) -> None:
+            runs.log_metrics(client, run_id, scores, step=epoch)
+
         net, history, best_epoch = fit_best(
-            params, sets, settings, seed, metric, labels.num_classes(edges), precision
+            params, sets, settings, seed, metric, labels.num_classes(edges), precision, log_scores
         )
         temperatures, pred, truth, calibration = calibrate_and_test(net, sets["val"], sets["test"])
-        mlflow.log_metrics(calibration)
+        runs.log_metrics(client, run_id, calibration)
         card = {
             "model_name": settings.model_name,
             "brackets": labels.bracket_names(edges),
@@ -254,10 +260,18 @@ def run(settings: Settings, promote: bool = False) -> dict:
             "params": params,
             "calibration": calibration,
         }
-        scores = log_evaluation(pred, truth, edges, card)
-        mlflow.log_metrics({"best_epoch": best_epoch, "wall_s": time.time() - started})
+        scores = log_evaluation(client, run_id, pred, truth, edges, card)
+        wall = {"best_epoch": best_epoch, "wall_s": time.time() - started}
+        runs.log_metrics(client, run_id, wall)
         version = package.log_and_register(
-            net, params, edges, temperatures, settings.model_name, precision.name
+            settings.tracking_uri,
+            run_id,
+            net,
+            params,
+            edges,
+            temperatures,
+            settings.model_name,
+            precision.name,
         )
         for tag, value in {
             **scores,
@@ -273,7 +287,6 @@ def run(settings: Settings, promote: bool = False) -> dict:
         alias = champion.gate(
             client, settings.model_name, version.version, val, metric, data_key, promote
         )
-        run_id = active.info.run_id
     return {
         "model": settings.model_name,
         "version": str(version.version),

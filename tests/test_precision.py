@@ -10,7 +10,6 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 from pipeline.config import Settings
@@ -144,11 +143,10 @@ def test_bf16_trained_weights_are_served_in_fp32_with_the_training_evaluation(
     temperatures = {"age": 1.5, "ethnicity": 1.0, "gender": 0.8}
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = runs.client_for(uri)
     experiment = runs.ensure_experiment(client, "precision", tmp_path / "mlruns")
-    with mlflow.start_run(experiment_id=experiment):
-        version = package.log_and_register(net, CNN, EDGES, temperatures, "p", "bf16")
+    run_id = client.create_run(experiment).info.run_id
+    version = package.log_and_register(uri, run_id, net, CNN, EDGES, temperatures, "p", "bf16")
     loaded = mlflow.pyfunc.load_model(f"models:/p/{version.version}")
     served = loaded.predict(test_images)
     assert loaded.unwrap_python_model().meta["trained_precision"] == "bf16"

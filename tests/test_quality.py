@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import optuna
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from mlflow.tracking import MlflowClient
 from pydantic import SecretStr
 
 from pipeline.config import PRESETS, Settings
@@ -137,11 +135,12 @@ def test_presets_fill_defaults_and_explicit_settings_win(monkeypatch) -> None:
 
 
 def register(net, temperatures: dict[str, float], settings: Settings, name: str) -> str:
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    client = MlflowClient(settings.tracking_uri)
+    client = runs.client_for(settings.tracking_uri)
     experiment = runs.ensure_experiment(client, name, settings.artifact_root)
-    with mlflow.start_run(experiment_id=experiment):
-        version = package.log_and_register(net, PARAMS, EDGES, temperatures, name)
+    run_id = client.create_run(experiment).info.run_id
+    version = package.log_and_register(
+        settings.tracking_uri, run_id, net, PARAMS, EDGES, temperatures, name
+    )
     client.set_registered_model_alias(name, "champion", version.version)
     return str(version.version)
 

@@ -15,10 +15,21 @@ from pipeline.registry import pyfunc
 
 
 def log_and_register(
-    net, params: dict, edges, temperatures: dict[str, float], name: str, precision: str = "fp32"
+    tracking_uri: str,
+    run_id: str,
+    net,
+    params: dict,
+    edges,
+    temperatures: dict[str, float],
+    name: str,
+    precision: str = "fp32",
 ) -> mlflow.entities.model_registry.ModelVersion:
-    """Log the pyfunc (weights, params, labels, temperatures, preprocessing) and register it."""
+    """Log the pyfunc (weights, params, labels, temperatures, preprocessing) on run `run_id` and
+    register it. The one place faceopt uses MLflow's fluent API: model logging has no client
+    form, so the run is made active here, for this call only."""
     import pipeline
+
+    mlflow.set_tracking_uri(tracking_uri)
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # The signature is given explicitly, so MLflow's hint about type-hinted predict() is noise.
@@ -28,16 +39,17 @@ def log_and_register(
         meta.write_text(
             json.dumps(pyfunc.metadata(params, edges, temperatures, precision), indent=2)
         )
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            # Models from code: the class is loaded from source, not unpickled; code_paths carries
-            # this pipeline package with the model, so the version keeps predicting the same
-            # after the project's code changes (in a process that has not imported it already).
-            python_model=str(Path(pyfunc.__file__).with_name("pyfunc_entry.py")),
-            artifacts={"weights": str(weights), "meta": str(meta)},
-            code_paths=[str(Path(pipeline.__file__).parent)],
-            signature=pyfunc.signature(edges),
-            input_example=np.full((1, 48, 48), 128, dtype=np.uint8),
-            pip_requirements=pyfunc.requirements(),
-        )
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                # Models from code: the class is loaded from source, not unpickled; code_paths carries
+                # this pipeline package with the model, so the version keeps predicting the same
+                # after the project's code changes (in a process that has not imported it already).
+                python_model=str(Path(pyfunc.__file__).with_name("pyfunc_entry.py")),
+                artifacts={"weights": str(weights), "meta": str(meta)},
+                code_paths=[str(Path(pipeline.__file__).parent)],
+                signature=pyfunc.signature(edges),
+                input_example=np.full((1, 48, 48), 128, dtype=np.uint8),
+                pip_requirements=pyfunc.requirements(),
+            )
     return mlflow.register_model(info.model_uri, name)

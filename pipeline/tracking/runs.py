@@ -80,6 +80,20 @@ def log_json(client: MlflowClient, run_id: str, obj: dict, name: str) -> None:
 
 
 @contextlib.contextmanager
+def ended(client: MlflowClient, run_id: str) -> Iterator[str]:
+    """The run, ended however the block ends: FINISHED, KILLED on Ctrl-C, FAILED on an error."""
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
 def parent_run(
     client: MlflowClient,
     run_id: str,
