@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +58,8 @@ def run_workers(settings: Settings) -> dict:
     _log_setup(client, parent, settings, attrs, split)
     # On Ctrl-C the workers got the same signal and close their own trials.
     with runs.parent_run(client, parent, study, settings.metric):
-        codes = workers.spawn(settings, parent, until, study)
+        cmd = [sys.executable, "-m", __name__, parent, str(until)]  # worker_main, below
+        codes = workers.spawn(settings, cmd, until, study)
         if any(codes):
             raise RuntimeError(f"worker exit codes {codes}; see their messages above")
     return report.summary(study)
@@ -215,3 +217,22 @@ def report_run(settings: Settings, run_id: str | None = None) -> str:
         client, run_id, study, "FINISHED", study.user_attrs.get("metric", settings.metric)
     )
     return run_id
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.tune PARENT_RUN_ID UNTIL`: one of run_workers' processes, its settings
+    from the FACEOPT_* environment the coordinator gave it, its trials under the parent run."""
+    parent_run_id, until = argv or sys.argv[1:]
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        run_worker(Settings(), parent_run_id, int(until), progress=False)
+    except KeyboardInterrupt:  # the coordinator got the same Ctrl-C and reports it
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 import warnings
 from collections import Counter
@@ -59,20 +58,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def spawn(settings: Settings, parent_run_id: str, until: int, study: optuna.Study) -> list[int]:
-    """Run the workers to `until` finished trials, showing progress; returns their exit codes."""
+def spawn(settings: Settings, cmd: list[str], until: int, study: optuna.Study) -> list[int]:
+    """Run `cmd` once per worker, with the settings in its environment, to `until` finished
+    trials of the study, showing progress; returns their exit codes."""
     base = os.environ | settings_env(settings)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "tune-worker",
-        "--parent-run-id",
-        parent_run_id,
-        "--until",
-        str(until),
-        "--quiet",
-    ]
     procs = [subprocess.Popen(cmd, env=base | extra) for extra in plan(settings.workers)]
     log.info("%d workers on study %s until %d finished trials", len(procs), study.study_name, until)
     start = finished(study)
