@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -86,6 +87,12 @@ def test_study_without_completed_trial_is_a_clear_error(settings: Settings, caps
         train_best.run(settings)
     code = cli.main(["train-best", "--study", "nothing", "--storage", settings.storage])
     assert code == 2 and "run `make tune` first" in capsys.readouterr().err
+    # A study whose trials all failed or were pruned: there is nothing to retrain.
+    study = optuna.create_study(study_name="no-complete", storage=settings.storage)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+    with pytest.raises(train_best.TrainBestError, match="no completed trial yet .2 trials"):
+        train_best.run(settings.model_copy(update={"study": "no-complete"}))
 
 
 def test_other_data_than_the_study_is_refused(tuned: Settings, tmp_path: Path) -> None:
