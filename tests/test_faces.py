@@ -11,9 +11,11 @@ from PIL import Image
 
 from pipeline.config import Settings
 from pipeline.data import faces, preprocess
+from pipeline.evaluate import in_a_photo
 from tests.conftest import astronaut_face, jpeg
 
 MIN_FACE = Settings().min_face
+real_recut = faces.recut
 # scikit-image's bundled pictures without a person in them.
 NO_PEOPLE = [
     "brick.png",
@@ -101,6 +103,31 @@ def test_an_aligned_crop_comes_back_as_the_dataset_made_it() -> None:
     # A centre crop of the same photo (the rule that was replaced) is much further off.
     centre = preprocess.to_gray48(face.crop((16, 16, 184, 184))).astype(float)
     assert np.abs(centre - whole).mean() > 2 * np.abs(cut.pixels.astype(float) - whole).mean()
+
+
+@pytest.mark.parametrize("context", [2, 3, 5])
+@pytest.mark.parametrize("surround", ["mean", "blur"])
+def test_a_face_in_a_larger_photo_comes_out_as_its_crop(context, surround, monkeypatch) -> None:
+    """A face inside a photo `context` times its size is cut twice: found, cut, and cut again
+    from that first square as if it were the uploaded crop, so it comes out as the crop would."""
+    face = astronaut_face()
+    whole = preprocess.to_gray48(face).astype(float)
+    recut = []
+    monkeypatch.setattr(faces, "recut", lambda *a: recut.append(a) or real_recut(*a))
+    image, _ = faces.decode(in_a_photo(jpeg(face), context, surround), 50_000_000)
+    cut = faces.face_from_image(image, MIN_FACE)
+    assert cut.answered and len(recut) == 1
+    inner = slice(5, 43)  # the surroundings reach the chip's outer rim only
+    assert np.abs(cut.pixels.astype(float) - whole)[inner, inner].mean() < 3
+    # The square is where the crop lies in the larger photo.
+    x, y, side, _ = cut.crop
+    offset = (image.width - face.width) // 2
+    assert abs(x - offset) < 10 and abs(y - offset) < 10 and abs(side - face.width) < 16
+
+
+def test_a_photo_that_is_already_a_crop_is_cut_once(monkeypatch) -> None:
+    monkeypatch.setattr(faces, "recut", lambda *a: pytest.fail("an aligned crop needs no recut"))
+    assert faces.face_from_image(astronaut_face(), MIN_FACE).answered
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,8 @@ COARSE = 0.4
 # on scikit-image's 24 bundled pictures without people: at -0.4 every crop is found and none of
 # those pictures (their highest: -0.56, the motorcycles); at 0 six crops are missed.
 THRESHOLD = -0.4
+# A cut within this share of the photo's side of its edges means the photo is already a crop.
+ALREADY_CUT = 0.05
 # Landmarks and the chip are taken from a copy in which the face is about this wide: large
 # enough for a 200-pixel chip, small enough that a 12-megapixel photo costs no more than a small one.
 WORK_FACE = 300
@@ -185,7 +187,39 @@ def face_from_image(image: Image.Image, min_face: float) -> Face:
         square = gray.crop((left, top, left + side, top + side))
         return Face(preprocess.to_gray48(square), None, (left, top, side, side))
     pixels, square, angle = chip(gray, box)
+    if not covers(square, gray.size):
+        pixels, square, angle = recut(gray, square) or (pixels, square, angle)
     return Face(pixels, _box(box), square, angle)
+
+
+def covers(square: tuple[int, ...], size: tuple[int, int]) -> bool:
+    """Whether the cut is the whole photo (within ALREADY_CUT of its side): the photo is already
+    a crop of the dataset's kind, and cutting again would give the same."""
+    x, y, side, _ = square
+    edges = (x, y, x + side - size[0], y + side - size[1])
+    return max(abs(e) for e in edges) <= ALREADY_CUT * side
+
+
+def recut(gray: Image.Image, square: tuple[int, ...]) -> tuple[np.ndarray, tuple, float] | None:
+    """The face cut again from its first cut's square, brought to the dataset crops' size, as if
+    that square were the uploaded photo; None when no face is found there. The first landmarks
+    come from a box found at the detector's coarser scale for a small face, and are sometimes off;
+    on a square framed like a UTKFace crop the detector and landmarks see what they saw on the
+    crops themselves, so a face in a larger photo comes out as its crop would."""
+    x, y, side, _ = square
+    inside = gray.crop((max(x, 0), max(y, 0), min(x + side, gray.width), min(y + side, gray.height)))
+    # Past the photo's border, its edge repeated (as chip() does), not black.
+    pad = ((max(-y, 0), max(y + side - gray.height, 0)), (max(-x, 0), max(x + side - gray.width, 0)))
+    framed = Image.fromarray(np.pad(np.asarray(inside), pad, mode="edge"))
+    if side != CHIP_SIZE:
+        framed = framed.resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR)
+    box = detect(framed, COARSE)
+    if box is None:
+        return None
+    pixels, (ix, iy, iside, _), angle = chip(framed, box)
+    scale = side / CHIP_SIZE
+    back = round(iside * scale)
+    return pixels, (round(x + ix * scale), round(y + iy * scale), back, back), angle
 
 
 def face_from_upload(raw: bytes, max_pixels: int, min_face: float) -> Face:
