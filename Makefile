@@ -22,7 +22,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 ALL_SAMPLERS := random,tpe,skopt,gp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve ui test lint bench bench-serve bench-abuse
+.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve ui test test-fast lint bench bench-serve bench-abuse
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -80,9 +80,12 @@ ui: setup ## open the MLflow UI on the tracking store (HOST, PORT)
 test: setup ## run the tests (real-data tests use ../shared/data when present)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+test-fast: setup ## the edit-test loop: the tests not marked slow or integration
+	$(BIN)/pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
 lint: setup ## ruff check and format check
-	$(BIN)/ruff check pipeline serving tests
-	$(BIN)/ruff format --check pipeline serving tests
+	$(BIN)/ruff check pipeline serving tests bench
+	$(BIN)/ruff format --check pipeline serving tests bench
 
 bench: setup ## benchmarks on the real data (DATA=...), table printed and saved under bench/results/
 	$(BIN)/python -m bench.run $(call flag,DATA,data)
