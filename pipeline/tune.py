@@ -213,9 +213,8 @@ def report_run(settings: Settings, run_id: str | None = None) -> str:
     if run_id is None:
         experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
         run_id = runs.start_parent(client, experiment_id, settings.study, {"faceopt.report": "1"})
-    runs.close_parent(
-        client, run_id, study, "FINISHED", study.user_attrs.get("metric", settings.metric)
-    )
+    with runs.ended(client, run_id):
+        runs.log_summary(client, run_id, study, study.user_attrs.get("metric", settings.metric))
     return run_id
 
 

@@ -101,34 +101,27 @@ def parent_run(
     metric: str,
     plots: Callable[[], bool] = lambda: True,
 ) -> Iterator[str]:
-    """The parent run of one invocation, closed however the block ends: FINISHED, KILLED on
-    Ctrl-C, FAILED on an error; with the study's summary and (if `plots()`) its plots."""
-    status = "FAILED"
-    try:
-        yield run_id
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        close_parent(client, run_id, study, status, metric, plots=plots())
+    """The parent run of one invocation, ended as `ended` ends runs, after the study's summary
+    and (if `plots()`) its plots are logged on it."""
+    with ended(client, run_id):
+        try:
+            yield run_id
+        finally:
+            log_summary(client, run_id, study, metric, plots=plots())
 
 
-def close_parent(
-    client, run_id: str, study: optuna.Study, status: str, metric: str, plots: bool = True
+def log_summary(
+    client: MlflowClient, run_id: str, study: optuna.Study, metric: str, plots: bool = True
 ) -> None:
-    """Summary and plots on the parent run; never lets a plotting problem hide the study's result."""
+    """The study's counts and best value as metrics, its summary as JSON, and its plots."""
     summary = report.summary(study)
-    try:
-        numbers = {k: summary[k] for k in ("trials", "complete", "pruned", "fail")}
-        if "best_value" in summary and math.isfinite(summary["best_value"]):
-            numbers["best_value"] = summary["best_value"]
-        log_metrics(client, run_id, numbers)
-        log_json(client, run_id, summary, "summary.json")
-        if plots:
-            log_plots(client, run_id, study, metric)
-    finally:
-        client.set_terminated(run_id, status=status)
+    numbers = {k: summary[k] for k in ("trials", "complete", "pruned", "fail")}
+    if "best_value" in summary and math.isfinite(summary["best_value"]):
+        numbers["best_value"] = summary["best_value"]
+    log_metrics(client, run_id, numbers)
+    log_json(client, run_id, summary, "summary.json")
+    if plots:
+        log_plots(client, run_id, study, metric)
 
 
 def log_plots(client, run_id: str, study: optuna.Study, metric: str) -> None:
