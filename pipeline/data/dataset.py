@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline.errors import FaceoptError
 from pipeline.data import labels, preprocess
+from pipeline.errors import FaceoptError
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,9 @@ def _parse_pixels(pixels: pd.Series) -> tuple[np.ndarray, dict[int, str]]:
         grid = flat.reshape(n, PIXELS)
         out_of_range = np.flatnonzero(((grid < 0) | (grid > 255)).any(axis=1))
         problems = {int(r): _range_problem(grid[r]) for r in out_of_range}
-        return grid.clip(0, 255).astype(np.uint8).reshape(n, 48, 48), problems
+        return grid.clip(0, 255).astype(np.uint8).reshape(
+            n, preprocess.SIZE, preprocess.SIZE
+        ), problems
     images = np.zeros((n, PIXELS), dtype=np.uint8)
     problems = {}
     for row, text in enumerate(tqdm(pixels, desc="checking rows", leave=False)):
@@ -273,7 +275,7 @@ def _parse_pixels(pixels: pd.Series) -> tuple[np.ndarray, dict[int, str]]:
             problems[row] = parsed
         else:
             images[row] = parsed
-    return images.reshape(n, 48, 48), problems
+    return images.reshape(n, preprocess.SIZE, preprocess.SIZE), problems
 
 
 def _parse_row(text: str) -> np.ndarray | str:
@@ -342,7 +344,7 @@ def read_utkface(folder: Path, digest: str = "", skip_bad_rows: bool = False) ->
             problems[i] = parsed
         else:
             label_rows[i] = parsed
-    images = np.zeros((len(files), 48, 48), dtype=np.uint8)
+    images = np.zeros((len(files), preprocess.SIZE, preprocess.SIZE), dtype=np.uint8)
     # Pillow releases the GIL while decoding, so threads use every core.
     with ThreadPoolExecutor() as pool:
         decoded = pool.map(_decode_image, files)

@@ -20,8 +20,8 @@ import face_recognition_models
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import FaceoptError
 from pipeline.data import preprocess
+from pipeline.errors import FaceoptError
 
 CHIP_SIZE = 200  # UTKFace's crops
 CHIP_PADDING = 0.2
@@ -207,9 +207,14 @@ def recut(gray: Image.Image, square: tuple[int, ...]) -> tuple[np.ndarray, tuple
     on a square framed like a UTKFace crop the detector and landmarks see what they saw on the
     crops themselves, so a face in a larger photo comes out as its crop would."""
     x, y, side, _ = square
-    inside = gray.crop((max(x, 0), max(y, 0), min(x + side, gray.width), min(y + side, gray.height)))
+    inside = gray.crop(
+        (max(x, 0), max(y, 0), min(x + side, gray.width), min(y + side, gray.height))
+    )
     # Past the photo's border, its edge repeated (as chip() does), not black.
-    pad = ((max(-y, 0), max(y + side - gray.height, 0)), (max(-x, 0), max(x + side - gray.width, 0)))
+    pad = (
+        (max(-y, 0), max(y + side - gray.height, 0)),
+        (max(-x, 0), max(x + side - gray.width, 0)),
+    )
     framed = Image.fromarray(np.pad(np.asarray(inside), pad, mode="edge"))
     if side != CHIP_SIZE:
         framed = framed.resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR)

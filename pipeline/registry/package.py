@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import torch
 
+from pipeline.data.preprocess import SIZE
 from pipeline.registry import pyfunc
 
 
@@ -49,7 +50,7 @@ def log_and_register(
                 artifacts={"weights": str(weights), "meta": str(meta)},
                 code_paths=[str(Path(pipeline.__file__).parent)],
                 signature=pyfunc.signature(edges),
-                input_example=np.full((1, 48, 48), 128, dtype=np.uint8),
+                input_example=np.full((1, SIZE, SIZE), 128, dtype=np.uint8),
                 pip_requirements=pyfunc.requirements(),
             )
     return mlflow.register_model(info.model_uri, name)

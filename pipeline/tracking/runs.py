@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import socket
@@ -27,8 +26,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.storage import enable_wal
 from pipeline.tracking import report
-
-log = logging.getLogger(__name__)
 
 RUN_ID_ATTR = "mlflow_run_id"
 STATUS = {

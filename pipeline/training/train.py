@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -18,8 +17,6 @@ from pipeline.data import labels, preprocess
 from pipeline.data.dataset import FaceSet
 from pipeline.errors import SettingError
 from pipeline.model import augment
-
-log = logging.getLogger(__name__)
 
 EVAL_BATCH = 2048
 # Called after each epoch with its metrics; a truthy return stops training (early stopping),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -20,8 +19,6 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.errors import SettingError
-
-log = logging.getLogger(__name__)
 
 PROPOSAL_ATTR = "skopt:proposal"
 
