@@ -22,8 +22,9 @@ import numpy as np
 from PIL import Image
 
 from bench import RESULTS, save
-from bench.serve import free_port, process, require_champion
+from bench.serve import require_champion
 from pipeline.config import Settings
+from tests.conftest import free_port, server_process
 
 MIB = 1024 * 1024
 
@@ -116,7 +117,7 @@ def main() -> None:
     bomb = png_bomb()
     noise = noise_jpeg(settings.max_file_bytes)
     rows = []
-    with process(cmd, f"{url}/ready", env, logs / "abuse.log") as proc:
+    with server_process(cmd, f"{url}/ready", env, logs / "abuse.log") as proc:
         idle = rss_mib(proc.pid)
         cases = [
             (

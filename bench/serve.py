@@ -13,11 +13,8 @@ import asyncio
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,36 +26,7 @@ from pipeline import evaluate
 from pipeline.config import Settings
 from pipeline.data import dataset, faces, labels
 from pipeline.storage import redact
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def process(cmd: list[str], ready_url: str, env: dict, log: Path):
-    """A server process for the duration of the block, once `ready_url` answers 200."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"{cmd[:4]} exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit(f"{cmd[:4]} not ready in 180 s: {log.read_text()[-2000:]}")
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+from tests.conftest import free_port, server_process
 
 
 def raw_request(request: httpx.Request) -> bytes:
@@ -207,7 +175,7 @@ def main() -> None:
             rows.append((name, c, asyncio.run(load(request, c, args.requests))))
 
     ours_cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(ours)]
-    with process(ours_cmd, f"http://127.0.0.1:{ours}/ready", env, tmp / "ours.log"):
+    with server_process(ours_cmd, f"http://127.0.0.1:{ours}/ready", env, tmp / "ours.log"):
         if samples:
             served = [
                 accuracy(f"http://127.0.0.1:{ours}", samples, settings.age_edges, scale)
@@ -221,7 +189,7 @@ def main() -> None:
     model_uri = f"models:/{settings.model_name}@{settings.alias}"
     theirs_cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
     theirs_cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(theirs)]
-    with process(theirs_cmd, f"http://127.0.0.1:{theirs}/ping", env, tmp / "mlflow.log"):
+    with server_process(theirs_cmd, f"http://127.0.0.1:{theirs}/ping", env, tmp / "mlflow.log"):
         measure(
             "mlflow models serve (48x48 JSON)",
             httpx.Request(

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -147,3 +154,39 @@ def postgres_database():
 def upload(name: str, raw: bytes, field: str = "files", mime: str = "image/jpeg"):
     """One multipart file part as httpx takes it."""
     return (field, (name, raw, mime))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(cmd: list[str], ready_url: str, env: dict, log: Path, timeout: float = 180):
+    """A server process (the tests' and the benchmarks') for the duration of the block, once
+    `ready_url` answers 200; stopped afterwards."""
+    with open(log, "w") as out:  # its own session: stopping it stops what it started too
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{cmd[:4]} not ready in {timeout:.0f} s: {log.read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        yield proc
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

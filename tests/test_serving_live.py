@@ -6,7 +6,6 @@ import io
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -17,16 +16,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Settings
-from tests.conftest import REAL_DATA, astronaut_face, jpeg
+from tests.conftest import REAL_DATA, astronaut_face, free_port, jpeg, server_process
 
 SAMPLES = REAL_DATA / "utkface_sample"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -35,24 +28,9 @@ def running_server(registered: Settings, log: Path, *flags: str, env: dict | Non
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": registered.tracking_uri} | (env or {})
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), *flags]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"server not ready in 60 s: {log.read_text()[-3000:]}")
+    with server_process(cmd, f"{url}/ready", env, log, timeout=60) as proc:
         yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")

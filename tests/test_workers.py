@@ -18,7 +18,7 @@ from pipeline import tune
 from pipeline.config import Settings
 from pipeline.tuning import workers
 from pipeline.tuning.study import load_data
-from tests.conftest import synthetic_faces, write_csv
+from tests.conftest import free_port, server_process, synthetic_faces, write_csv
 
 
 def runs_by_trial(settings: Settings) -> dict[int, list]:
@@ -181,3 +181,21 @@ def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
     before = len(study.trials)
     tune.run(slow.model_copy(update={"n_trials": 1}))  # same epochs: others are refused
     assert len(optuna.load_study(study_name="interrupt", storage=slow.storage).trials) == before + 1
+
+
+@pytest.mark.slow
+def test_mlflow_server_on_postgresql(postgres_database: str, tmp_path: Path) -> None:
+    """`faceopt mlflow-server` (backend from FACEOPT_MLFLOW_BACKEND) as a real process on the
+    local PostgreSQL: a client on another process creates, logs and reads a run through it."""
+    backend = f"postgresql+psycopg://postgres@127.0.0.1:5432/{postgres_database}"
+    port = free_port()
+    env = os.environ | {"FACEOPT_MLFLOW_BACKEND": backend}
+    cmd = [sys.executable, "-m", "pipeline.cli", "mlflow-server", "--port", str(port)]
+    cmd += ["--artifacts", str(tmp_path / "artifacts")]
+    url = f"http://127.0.0.1:{port}"
+    with server_process(cmd, f"{url}/health", env, tmp_path / "mlflow.log"):
+        client = MlflowClient(url)
+        run = client.create_run(client.create_experiment("shared"))
+        client.log_metric(run.info.run_id, "val_mean_acc", 0.8)
+        assert client.get_run(run.info.run_id).data.metrics == {"val_mean_acc": 0.8}
+    assert "postgres@127.0.0.1" in (tmp_path / "mlflow.log").read_text()  # the backend it used

@@ -1,0 +1,69 @@
+"""The settings object's validators, and a study with other age brackets end to end."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from pipeline import train_best, tune
+from pipeline.config import Settings
+from pipeline.data import labels
+from pipeline.tuning.study import StudyMismatch
+from serving.app import create_app
+from tests.conftest import LOCAL, astronaut_face, jpeg, upload
+
+
+def test_workers_take_a_positive_count_or_auto(monkeypatch) -> None:
+    assert Settings(workers="3").workers == 3
+    assert Settings(workers="auto").workers == "auto"
+    monkeypatch.setenv("FACEOPT_WORKERS", "2")
+    assert Settings().workers == 2
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(ValidationError, match="positive integer or 'auto'"):
+            Settings(workers=bad)
+
+
+def test_allowed_hosts_from_a_list_a_comma_string_or_json(monkeypatch) -> None:
+    assert Settings(allowed_hosts="a.example, b.example").allowed_hosts == [
+        "a.example",
+        "b.example",
+    ]
+    assert Settings(allowed_hosts='["c.example"]').allowed_hosts == ["c.example"]
+    monkeypatch.setenv("FACEOPT_ALLOWED_HOSTS", "*")
+    assert Settings().allowed_hosts == ["*"]
+
+
+@pytest.mark.parametrize("edges", [(0, 116), (0, 18, 18, 116), (0, 45, 18, 116)])
+def test_age_edges_must_increase(edges) -> None:
+    with pytest.raises(ValidationError, match="at least 3 increasing integers"):
+        Settings(age_edges=edges)
+
+
+def test_body_limit_follows_the_file_limits_unless_set() -> None:
+    assert Settings(max_files=2, max_file_bytes=1000).body_limit == 2 * 2024 + 64 * 1024
+    assert Settings(max_files=2, max_body_bytes=5000).body_limit == 5000
+
+
+@pytest.mark.slow
+def test_other_age_brackets_end_to_end(settings: Settings) -> None:
+    """Brackets of the user's choosing go through tune, train-best, the registry and the service."""
+    edges = (0, 30, 60, 116)
+    mine = settings.model_copy(
+        update={"age_edges": edges, "n_trials": 2, "train_epochs": 2, "model_name": "brackets"}
+    )
+    tune.run(mine)
+    result = train_best.run(mine)
+    assert result["alias"] == "champion"
+    with TestClient(create_app(mine), base_url=LOCAL) as client:
+        info = client.get("/model").json()
+        assert info["age_edges"] == list(edges)
+        assert info["labels"]["age"] == list(labels.bracket_names(edges)) and len(edges) == 4
+        body = client.post("/predict", files=[upload("a.jpg", jpeg(astronaut_face()))]).json()
+    age = body["predictions"][0]["age"]
+    assert age["label"] in info["labels"]["age"] and set(age["probabilities"]) == set(
+        info["labels"]["age"]
+    )
+    # A study keeps its brackets: resuming it with others is refused.
+    with pytest.raises(StudyMismatch, match="was created with"):
+        tune.run(settings.model_copy(update={"n_trials": 1}))
