@@ -188,14 +188,15 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
     """An MLflow tracking server for several hosts: PostgreSQL backend store, served artifacts."""
     from pipeline.storage import ensure_postgres_database, redact
 
-    ensure_postgres_database(args.backend_store_uri)
+    backend = args.backend_store_uri or Settings().mlflow_backend
+    ensure_postgres_database(backend)
     cmd = [
         sys.executable,
         "-m",
         "mlflow",
         "server",
         "--backend-store-uri",
-        args.backend_store_uri,
+        backend,
         "--serve-artifacts",
         "--artifacts-destination",
         Path(args.artifacts).resolve().as_uri(),
@@ -212,7 +213,7 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
         "MLflow server on http://%s:%s, backend %s",
         args.host,
         args.port,
-        redact(args.backend_store_uri),
+        redact(backend),
     )
     return subprocess.call(cmd, env=os.environ | {"PATH": path})
 
@@ -368,10 +369,7 @@ def parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("mlflow-server", help="MLflow tracking server on PostgreSQL")
     server.add_argument(
-        "--backend-store-uri",
-        default=os.environ.get(
-            "FACEOPT_MLFLOW_BACKEND", "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
-        ),
+        "--backend-store-uri", help="the server's store (default FACEOPT_MLFLOW_BACKEND's)"
     )
     server.add_argument("--artifacts", default="mlartifacts", help="where served artifacts live")
     server.add_argument(

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "FACEOPT_TRACKING_URI"),
     )
     artifact_root: Path = Path("mlruns")
+    # `faceopt mlflow-server`'s backend store, shared by the hosts of a study.
+    mlflow_backend: str = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
 
     study: str = "faceopt"
     n_trials: int = Field(20, ge=1)
