@@ -6,7 +6,8 @@ back the original to a median 2.5 gray levels in 48x48 (padding 0.15: 15, 0.25: 
 chips are 15 off (python -m bench.chips). So the service does what the dataset did: dlib's HOG
 detector finds the face, the 68-landmark model places it, and the chip is cut, rotated and scaled
 exactly as UTKFace's were, then resized to 48x48 as the CSV was. A photo that is already such a
-crop comes back nearly unchanged; a face inside a larger photo comes out as if UTKFace had cut it.
+crop comes back nearly unchanged; a face inside a larger photo is cut twice (found, cut, then cut
+again from that square as if it were the uploaded crop: recut) and comes out as UTKFace cut it.
 """
 
 from __future__ import annotations
