@@ -101,6 +101,19 @@ def load_study(url: str, name: str, heartbeat_interval: int, grace_period: int) 
     )
 
 
+def latest_study(url: str, heartbeat_interval: int, grace_period: int) -> str | None:
+    """The name of the study whose newest trial started last (None: no study with trials)."""
+    store = open_storage(url, heartbeat_interval, grace_period)
+    newest = {}
+    for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
+        study_id = store.get_study_id_from_name(summary.study_name)
+        trials = store.get_all_trials(study_id, deepcopy=False)
+        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+        if starts:
+            newest[summary.study_name] = max(starts)
+    return max(newest, key=newest.get) if newest else None
+
+
 def retry_stale(max_retry: int, before: StaleCallback | None = None) -> StaleCallback:
     """Run `before` (close the trial's MLflow run), then queue the trial again with its params."""
     # Optuna 4.9 renamed the callback; take the new name where it exists.

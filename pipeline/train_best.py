@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 from pipeline import storage
-from pipeline.config import Settings
+from pipeline.config import PRESETS, Settings
 from pipeline.data import dataset, labels
 from pipeline.errors import FaceoptError
 from pipeline.model import network, space
@@ -30,6 +30,36 @@ log = logging.getLogger(__name__)
 
 class TrainBestError(FaceoptError, ValueError):
     """The study cannot be retrained as asked (missing, empty, or other data)."""
+
+
+def for_study(settings: Settings) -> Settings:
+    """The settings to retrain with. Without STUDY, the study tuned last in the storage; then
+    without DATA or PRESET, the ones that study was tuned with (the preset brings its train-best
+    epochs and patience), so `make tune ... && make train-best` retrains what was just tuned."""
+    given = settings.model_fields_set
+    name = settings.study
+    if "study" not in given:
+        name = (
+            storage.latest_study(
+                settings.storage, settings.heartbeat_interval, settings.grace_period
+            )
+            or name
+        )
+    try:
+        attrs = storage.load_study(
+            settings.storage, name, settings.heartbeat_interval, settings.grace_period
+        ).user_attrs
+    except KeyError:
+        attrs = {}  # load_best says what is missing
+    updates: dict = {"study": name}
+    if "data" not in given and attrs.get("data"):
+        updates["data"] = Path(attrs["data"])
+    preset = attrs.get("preset")
+    if "preset" not in given and preset in PRESETS:
+        updates |= {k: PRESETS[preset][k] for k in ("train_epochs", "patience") if k not in given}
+    if updates != {"study": settings.study}:
+        log.info("train-best: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
+    return settings.model_copy(update=updates)
 
 
 def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTrial, dict]:
@@ -195,6 +225,7 @@ def lineage_tags(study: optuna.Study, best: optuna.trial.FrozenTrial, client: Ml
 
 def run(settings: Settings, promote: bool = False) -> dict:
     """Retrain, evaluate, register; returns what happened (version, alias, metrics)."""
+    settings = for_study(settings)
     study, best, params = load_best(settings)
     attrs = study.user_attrs
     edges, metric = tuple(attrs["age_edges"]), attrs["metric"]

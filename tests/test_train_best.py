@@ -171,3 +171,29 @@ def test_journal_storage_end_to_end(settings: Settings, tmp_path: Path, capsys) 
 
     studies = compare.run_studies(journal.model_copy(update={"n_trials": 1}), ["random"], 1, "j")
     assert len(studies["random"][0].trials) == 1
+
+
+def test_train_best_after_tune_needs_no_settings_repeated(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`make tune PRESET=cpu DATA=x && make train-best`: without STUDY, DATA or PRESET, train-best
+    retrains the study tuned last in the storage, on its data, with its preset's budgets."""
+    stores = {
+        k: getattr(settings, k) for k in ("storage", "tracking_uri", "artifact_root", "cache_dir")
+    }
+    older = settings.model_copy(update={"study": "older", "n_trials": 1})
+    tune.run(older)
+    tuned = settings.model_copy(
+        update={"study": "just-tuned", "n_trials": 2, "preset": "cpu", "space": "mlp"}
+    )
+    tune.run(tuned.model_copy(update={"timeout": None, "pruner": "none", "epochs": 2}))
+    bare = Settings(**stores)  # what `make train-best` gets: no STUDY, DATA or PRESET
+    assert "study" not in bare.model_fields_set and bare.data != settings.data
+    chosen = train_best.for_study(bare)
+    assert (chosen.study, chosen.data) == ("just-tuned", settings.data)
+    assert (chosen.train_epochs, chosen.patience) == (20, 6)  # the cpu preset's
+    # What is given still wins.
+    assert train_best.for_study(Settings(**stores, study="older")).study == "older"
+    assert train_best.for_study(bare.model_copy(update={"train_epochs": 2})).train_epochs == 2
+    result = train_best.run(bare.model_copy(update={"train_epochs": 2}))
+    assert result["alias"] == "champion" and result["epochs"] == 2

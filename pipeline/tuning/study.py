@@ -37,6 +37,10 @@ def study_attrs(settings: Settings, faces: dataset.FaceSet, split: dataset.Split
         "metric": settings.metric,
         "age_edges": list(settings.age_edges),
         "epochs": settings.epochs,
+        # Not checked on resume; train-best takes them when it is not told (make tune && make
+        # train-best retrains what was just tuned, whatever DATA and PRESET tune had).
+        "data": str(settings.data),
+        "preset": settings.preset,
     }
 
 
