@@ -7,12 +7,14 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import optuna
 import torch
+from tqdm.auto import tqdm
 
 from pipeline import storage
 from pipeline.config import Settings
@@ -137,6 +139,31 @@ def run_worker(
     return report.summary(study)
 
 
+class TrialsBar:
+    """Progress of this run's trials: against its timeout when it has one (time left, not the
+    estimate for n_trials a timed study never reaches), else against n_trials."""
+
+    def __init__(self, n_trials: int, timeout: float | None):
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.done = 0
+        unit = "s" if timeout else "trial"
+        self.bar = tqdm(total=round(timeout) if timeout else n_trials, desc="tune", unit=unit)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.done += 1
+        if self.timeout:
+            self.bar.n = min(round(self.timeout), round(time.monotonic() - self.started))
+        else:
+            self.bar.n = self.done
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        best = f"{study.best_value:.4f}" if complete else "-"
+        self.bar.set_postfix(trials=self.done, best=best)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _optimize(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float],
@@ -148,15 +175,19 @@ def _optimize(
     """n_trials more trials; or, as one of several workers, trials until `until` have finished."""
     catch = (Exception,)  # a failed trial is recorded as FAIL and the study goes on
     if until is None:
-        study.optimize(
-            objective,
-            n_trials=settings.n_trials,
-            timeout=settings.timeout,
-            n_jobs=settings.n_jobs,
-            callbacks=[logger],
-            catch=catch,
-            show_progress_bar=progress,
-        )
+        bar = TrialsBar(settings.n_trials, settings.timeout) if progress else None
+        try:
+            study.optimize(
+                objective,
+                n_trials=settings.n_trials,
+                timeout=settings.timeout,
+                n_jobs=settings.n_jobs,
+                callbacks=[logger, *([bar] if bar else [])],
+                catch=catch,
+            )
+        finally:
+            if bar:
+                bar.close()
         return
 
     def run_one(started: Callable[[], None]) -> None:

@@ -147,6 +147,16 @@ def test_cli_tune_prints_the_summary(settings: Settings, capsys) -> None:
     assert "Number of finished trials: 2" in out and "Best trial: #" in out
 
 
+def test_a_timed_study_shows_time_left_not_trials(settings: Settings, capsys) -> None:
+    """With a timeout the bar counts seconds against it (the CPU preset's n_trials=1000 gave a
+    66-hour estimate for a one-hour study); without one it counts trials."""
+    tune.run(settings.model_copy(update={"n_trials": 2, "timeout": 900}))
+    err = capsys.readouterr().err
+    assert "/900 [" in err and "trials=2" in err and "/2 [" not in err
+    tune.run(settings.model_copy(update={"n_trials": 1, "timeout": None}))
+    assert "/1 [" in capsys.readouterr().err
+
+
 def test_cli_tune_fails_when_every_trial_fails(settings: Settings, monkeypatch, capsys) -> None:
     def broken_fit(*args, **kwargs):
         raise RuntimeError("boom: the objective is broken")
