@@ -22,7 +22,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 ALL_SAMPLERS := random,tpe,skopt,gp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve ui test test-fast lint bench bench-serve bench-abuse
+.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast lint bench bench-serve bench-abuse
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ evaluate: setup ## a version (VERSION=champion) on labelled photos through the s
 serve: setup ## start the prediction service on the champion (HOST, PORT, WORKERS; POST /predict, page at /)
 	$(FACEOPT) serve $(call flag,HOST,host) $(call flag,PORT,port) $(call flag,MODEL_NAME,model-name) \
 		$(call flag,WORKERS,workers)
+
+dashboard: setup ## optuna-dashboard on the study storage: live history, importances, trials (HOST, PORT)
+	$(FACEOPT) dashboard $(call flag,STORAGE,storage) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8080)
 
 ui: setup ## open the MLflow UI on the tracking store (HOST, PORT)
 	$(FACEOPT) ui --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)

@@ -254,6 +254,26 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard on the study storage: live history, importances, trials and notes."""
+    import optuna_dashboard
+
+    from pipeline import storage
+
+    settings = _settings(args)
+    store = storage.open_storage(
+        settings.storage, settings.heartbeat_interval, settings.grace_period
+    )
+    log.info(
+        "optuna-dashboard on http://%s:%s for %s",
+        settings.host,
+        settings.port,
+        storage.redact(settings.storage),
+    )
+    optuna_dashboard.run_server(store, host=settings.host, port=settings.port)
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow UI on the same store `make tune` writes to."""
     from pipeline.storage import redact
@@ -388,6 +408,12 @@ def parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("data", help="download age_gender.csv from Kaggle")
     dl.add_argument("--dir", default="data", help="where to put it (default: data/)")
     dl.set_defaults(func=cmd_data)
+
+    dash = sub.add_parser("dashboard", help="start optuna-dashboard on the study storage")
+    dash.add_argument("--storage", dest="storage", help="Optuna storage URL")
+    dash.add_argument("--host", dest="host", default="127.0.0.1")
+    dash.add_argument("--port", dest="port", type=int, default=8080)
+    dash.set_defaults(func=cmd_dashboard)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
     ui.add_argument("--tracking-uri", dest="tracking_uri")

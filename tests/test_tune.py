@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import optuna
@@ -11,7 +13,7 @@ from pipeline.config import Settings
 from pipeline.training import train
 from pipeline.tuning import samplers
 from pipeline.tuning.study import StudyMismatch
-from tests.conftest import synthetic_faces, write_csv
+from tests.conftest import free_port, server_process, synthetic_faces, write_csv
 
 
 class PruneTrialOne(optuna.pruners.BasePruner):
@@ -194,7 +196,8 @@ def test_real_data_study(real_csv: Path, settings: Settings) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["tune", "tune-worker", "compare-samplers", "report", "train-best", "serve", "ui"]
+    "command",
+    ["tune", "tune-worker", "compare-samplers", "report", "train-best", "serve", "ui", "dashboard"],
 )
 def test_every_flag_is_a_setting_or_the_commands_own(command: str) -> None:
     args = cli.parser().parse_args([command])
@@ -208,3 +211,20 @@ def test_evaluate_flags() -> None:
     args = cli.parser().parse_args(["evaluate", "--photos", "x", "--min-face", "0.2"])
     assert args.own == ("photos", "version", "surround", "context")
     assert cli._settings(args).min_face == 0.2
+
+
+@pytest.mark.slow
+def test_dashboard_serves_the_study(settings: Settings, tmp_path: Path) -> None:
+    """`faceopt dashboard` as a real process on a tuned study: its API lists the study and trials."""
+    import httpx
+
+    tune.run(settings.model_copy(update={"n_trials": 2}))
+    port = free_port()
+    cmd = [sys.executable, "-m", "pipeline.cli", "dashboard", "--storage", settings.storage]
+    cmd += ["--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with server_process(cmd, f"{url}/api/studies", os.environ, tmp_path / "dashboard.log"):
+        studies = httpx.get(f"{url}/api/studies").json()["study_summaries"]
+        assert [s["study_name"] for s in studies] == [settings.study]
+        found = httpx.get(f"{url}/api/studies/{studies[0]['study_id']}").json()
+        assert len(found["trials"]) == 2
