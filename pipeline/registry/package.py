@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -32,9 +31,7 @@ def log_and_register(
 
     mlflow.set_tracking_uri(tracking_uri)
 
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # The signature is given explicitly, so MLflow's hint about type-hinted predict() is noise.
-        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+    with tempfile.TemporaryDirectory() as tmp:
         weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "meta.json"
         torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
         meta.write_text(
