@@ -1,5 +1,5 @@
 """Image -> model input: what the network sees, for training and serving (photos are cut to faces
-first, in pipeline.faces)."""
+first, in pipeline.data.faces)."""
 
 from __future__ import annotations
 
