@@ -223,6 +223,42 @@ def lineage_tags(study: optuna.Study, best: optuna.trial.FrozenTrial, client: Ml
     }
 
 
+def describe(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    run_id: str,
+    edges: tuple[int, ...],
+    scores: dict[str, float],
+) -> None:
+    """Registry pages that say what the model and this version are: what it predicts from what,
+    and the version's test figures with the way to its model card."""
+    names = labels.class_names(edges)
+    client.update_registered_model(
+        name,
+        description=(
+            "Age bracket, ethnicity and gender from a face: input uint8 (N, 48, 48) grayscale "
+            "faces cut as UTKFace's crops were; output per head the label and every class's "
+            "calibrated probability. Labels: "
+            + "; ".join(f"{head}: {', '.join(classes)}" for head, classes in names.items())
+            + ". Trained by faceopt train-best; the champion alias is what the service loads."
+        ),
+    )
+    figures = ", ".join(
+        f"{head} {scores[f'test_{head}_acc']:.1%} "
+        f"[{scores[f'test_{head}_acc_low']:.1%}, {scores[f'test_{head}_acc_high']:.1%}]"
+        for head in labels.HEADS
+    )
+    client.update_model_version(
+        name,
+        version,
+        description=(
+            f"Test split accuracy (95% bootstrap interval): {figures}. The test split reports, it "
+            f"chooses nothing. Model card: artifact evaluation/model_card.md of run {run_id}."
+        ),
+    )
+
+
 def run(settings: Settings, promote: bool = False) -> dict:
     """Retrain, evaluate, register; returns what happened (version, alias, metrics)."""
     settings = for_study(settings)
@@ -313,6 +349,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
             "split.digest": split.digest(),
         }.items():
             client.set_model_version_tag(settings.model_name, version.version, tag, str(value))
+        describe(client, settings.model_name, version.version, run_id, edges, scores)
         val = (faces.images[split.val], faces.targets(split.val, edges))
         data_key = (faces.fingerprint, split.digest())
         alias = champion.gate(

@@ -33,6 +33,15 @@ def test_champion_then_challenger_then_fresh_process_predicts(
     v1 = client.get_model_version_by_alias("faces", "champion")
     assert str(v1.version) == "1" and v1.tags["optuna.study"] == tuned.study
     assert float(v1.tags["test_age_acc"]) == pytest.approx(first["test_age_acc"])
+    # The registry pages say what the model and the version are.
+    model = client.get_registered_model("faces")
+    assert "Age bracket, ethnicity and gender" in model.description
+    assert "ethnicity: White, Black, Asian, Indian, Other" in model.description
+    assert f"age {first['test_age_acc']:.1%}" in v1.description
+    assert f"evaluation/model_card.md of run {first['run_id']}" in v1.description
+    # The experiment opens on its runs table in the MLflow UI, not on the GenAI overview.
+    experiment = client.get_experiment_by_name(tuned.study)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     # Deliberately worse: the same recipe with every optimisation step skipped (untrained net).
     monkeypatch.setattr(train, "train_epoch", lambda *args, **kwargs: 1.0)

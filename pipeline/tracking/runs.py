@@ -28,6 +28,9 @@ from pipeline.storage import enable_wal
 from pipeline.tracking import report
 
 RUN_ID_ATTR = "mlflow_run_id"
+# Makes the MLflow UI open an experiment on its runs table (model training), not on the GenAI
+# overview of traces it shows an experiment without the tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 STATUS = {
     optuna.trial.TrialState.COMPLETE: "FINISHED",
     optuna.trial.TrialState.PRUNED: "FINISHED",  # a pruned trial ran as intended; its tag says so
@@ -44,12 +47,15 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> s
     """The experiment's id, creating it (artifacts under artifact_root for a local store)."""
     found = client.get_experiment_by_name(name)
     if found:
+        if found.tags.get("mlflow.experimentKind") is None:  # made by an older faceopt
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     # A tracking server decides where artifacts go; a local database store needs to be told.
     local = not client.tracking_uri.startswith(("http://", "https://", "databricks"))
     location = (Path(artifact_root) / name).resolve().as_uri() if local else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # another worker created it a moment ago
         return client.get_experiment_by_name(name).experiment_id
 
