@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +31,37 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32),
             registry=self.registry,
         )
+
+        # What the model answers, the first thing to watch for drift: label values are bounded
+        # (the version's classes), so the series stay few.
+        self.predicted = Counter(
+            "faceopt_predictions_total",
+            "answered faces by head and predicted class",
+            ["version", "head", "label"],
+            registry=self.registry,
+        )
+        self.confidence = Histogram(
+            "faceopt_prediction_confidence",
+            "the winning class's calibrated probability, by head",
+            ["version", "head"],
+            buckets=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
+            registry=self.registry,
+        )
+        self.no_face = Counter(
+            "faceopt_no_face_total",
+            "uploaded photos in which no face was found (no answer)",
+            ["version"],
+            registry=self.registry,
+        )
+
+    def observe(self, version: str, probs: dict[str, np.ndarray] | None, classes: dict) -> None:
+        """One photo's answer: its class and winning probability per head, or no face."""
+        if probs is None:
+            self.no_face.labels(version).inc()
+            return
+        for head, p in probs.items():
+            self.predicted.labels(version, head, classes[head][int(p.argmax())]).inc()
+            self.confidence.labels(version, head).observe(float(p.max()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -138,7 +138,10 @@ async def predict(
         )
         for row, i in enumerate(found):
             per_face[i] = {head: p[row] for head, p in probs.items()}
-    request.app.state.metrics.images.observe(len(faces))
+    metrics = request.app.state.metrics
+    metrics.images.observe(len(faces))
+    for face_probs in per_face:
+        metrics.observe(model.version, face_probs, model.classes)
     return schemas.PredictResponse(
         model=schemas.ModelRef(name=model.name, version=model.version, alias=model.alias),
         predictions=[

@@ -173,6 +173,37 @@ def test_bad_uploads_get_4xx_json_and_the_service_stays_up(registered: Settings)
     assert "faceopt_images_per_request_count 1.0" in metrics
 
 
+def test_monitoring_counts_what_the_model_answers(client: TestClient) -> None:
+    """Per head the predicted classes and the winning probability, and the photos without a
+    face, labelled with the version: they move with every answer."""
+    from skimage import data as skdata
+
+    def samples(text: str, name: str) -> dict[str, float]:
+        return {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith(name)
+        }
+
+    face = jpeg(astronaut_face())
+    body = client.post("/predict", files=[upload("a.jpg", face), upload("b.jpg", face)]).json()
+    gender = body["predictions"][0]["gender"]["label"]
+    cup = io.BytesIO()
+    Image.fromarray(skdata.coffee()).save(cup, format="JPEG")
+    assert not client.post("/predict", files=[upload("cup.jpg", cup.getvalue())]).json()[
+        "predictions"
+    ][0]["face_detected"]
+    text = client.get("/metrics").text
+    predicted = samples(text, "faceopt_predictions_total")
+    assert (
+        predicted[f'faceopt_predictions_total{{head="gender",label="{gender}",version="1"}}'] >= 2
+    )
+    assert sum(v for k, v in predicted.items() if 'head="age"' in k) >= 2
+    confidence = samples(text, "faceopt_prediction_confidence_count")
+    assert confidence['faceopt_prediction_confidence_count{head="ethnicity",version="1"}'] >= 2
+    assert samples(text, "faceopt_no_face_total")['faceopt_no_face_total{version="1"}'] >= 1
+
+
 def test_model_info(client: TestClient, registered: Settings) -> None:
     info = client.get("/model").json()
     assert info["version"] == "1" and info["age_edges"] == list(registered.age_edges)
