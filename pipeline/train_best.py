@@ -300,6 +300,9 @@ def run(settings: Settings, promote: bool = False) -> dict:
             params
             | {"seed": seed, "train_epochs": settings.train_epochs, "patience": settings.patience},
         )
+        runs.log_dataset(
+            client, run_id, str(settings.data), faces.fingerprint, split.sizes(), "training"
+        )
 
         def log_scores(scores: dict[str, float], epoch: int) -> None:
             runs.log_metrics(client, run_id, scores, step=epoch)

@@ -229,6 +229,9 @@ def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data
     params["storage"] = storage.redact(params["storage"])  # the tracking store is widely read
     runs.log_params(client, run_id, params | {f"split_{k}": v for k, v in split.summary().items()})
     runs.log_json(client, run_id, {"study_attrs": attrs, "versions": versions()}, "setup.json")
+    runs.log_dataset(
+        client, run_id, str(settings.data), attrs["data_fingerprint"], split.sizes(), "tuning"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "split.npz"
         np.savez(path, train=split.train, val=split.val, test=split.test)

@@ -39,6 +39,19 @@ def test_champion_then_challenger_then_fresh_process_predicts(
     assert "ethnicity: White, Black, Asian, Indian, Other" in model.description
     assert f"age {first['test_age_acc']:.1%}" in v1.description
     assert f"evaluation/model_card.md of run {first['run_id']}" in v1.description
+    # Both the study's parent run and the training run carry the data as a dataset input.
+    faces, split = train_best.study_split(tuned, train_best.load_best(tuned)[0].user_attrs)
+    parent = next(
+        r
+        for r in client.search_runs([client.get_experiment_by_name(tuned.study).experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags and r.info.run_id != first["run_id"]
+    )
+    for run_id, context in ((parent.info.run_id, "tuning"), (first["run_id"], "training")):
+        (found,) = client.get_run(run_id).inputs.dataset_inputs
+        assert found.dataset.digest == faces.fingerprint[:16]
+        assert found.dataset.name == Path(tuned.data).name
+        assert json.loads(found.dataset.profile) == split.sizes()
+        assert [(t.key, t.value) for t in found.tags] == [("mlflow.data.context", context)]
     # The experiment opens on its runs table in the MLflow UI, not on the GenAI overview.
     experiment = client.get_experiment_by_name(tuned.study)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -89,6 +89,15 @@ class Split:
             h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
+    def sizes(self) -> dict:
+        """Rows per part and the split's digest: the profile of the data a run used."""
+        return {
+            "train": len(self.train),
+            "val": len(self.val),
+            "test": len(self.test),
+            "split_digest": self.digest(),
+        }
+
     def summary(self) -> dict:
         d = self.duplicates
         return {
