@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     train_epochs: int = Field(50, ge=1)  # train-best: the most epochs; early stopping ends sooner
     patience: int = Field(5, ge=1)  # train-best: epochs without a better validation metric
     model_name: str = "faceopt"  # the registered model
+    # MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one), sampled
+    # every this many seconds on train-best runs, and on tuning parent runs if tune_system_metrics.
+    system_metrics_interval: float = Field(10.0, gt=0)
+    tune_system_metrics: bool = False
 
     # serving
     host: str = "127.0.0.1"

@@ -293,7 +293,8 @@ def run(settings: Settings, promote: bool = False) -> dict:
     }
     run_name = f"train-best-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    with runs.ended(client, run_id):
+    monitor = runs.system_metrics(settings.tracking_uri, run_id, settings.system_metrics_interval)
+    with runs.ended(client, run_id), monitor:
         runs.log_params(
             client,
             run_id,

@@ -128,7 +128,12 @@ def run_worker(
         if own_parent
         else contextlib.nullcontext()
     )
-    with lifecycle, catch_sigint():
+    monitor = (
+        runs.system_metrics(settings.tracking_uri, parent, settings.system_metrics_interval)
+        if own_parent and settings.tune_system_metrics
+        else contextlib.nullcontext()
+    )
+    with lifecycle, monitor, catch_sigint():
         _optimize(study, objective, logger, settings, until, progress)
         ran = logger.states.total()
         if ran and logger.states[optuna.trial.TrialState.FAIL] == ran:

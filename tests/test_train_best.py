@@ -20,8 +20,17 @@ from pipeline.tuning.study import StudyMismatch
 @pytest.fixture
 def tuned(settings: Settings) -> Settings:
     """A 3-trial study on synthetic faces; train-best settings kept short."""
-    tune.run(settings)
-    return settings.model_copy(update={"train_epochs": 6, "patience": 3, "model_name": "faces"})
+    tune.run(
+        settings.model_copy(update={"tune_system_metrics": True, "system_metrics_interval": 1})
+    )
+    return settings.model_copy(
+        update={
+            "train_epochs": 6,
+            "patience": 3,
+            "model_name": "faces",
+            "system_metrics_interval": 1,
+        }
+    )
 
 
 def test_champion_then_challenger_then_fresh_process_predicts(
@@ -52,6 +61,11 @@ def test_champion_then_challenger_then_fresh_process_predicts(
         assert found.dataset.name == Path(tuned.data).name
         assert json.loads(found.dataset.profile) == split.sizes()
         assert [(t.key, t.value) for t in found.tags] == [("mlflow.data.context", context)]
+    # MLflow's system metrics on the training run, and (tune_system_metrics) the study's run.
+    for run_id in (parent.info.run_id, first["run_id"]):
+        recorded = client.get_run(run_id).data.metrics
+        assert "system/cpu_utilization_percentage" in recorded, sorted(recorded)
+        assert "system/system_memory_usage_megabytes" in recorded
     # The experiment opens on its runs table in the MLflow UI, not on the GenAI overview.
     experiment = client.get_experiment_by_name(tuned.study)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -116,6 +116,19 @@ def ended(client: MlflowClient, run_id: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval: float) -> Iterator[None]:
+    """MLflow's own system metrics on the run (`system/...`) while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+@contextlib.contextmanager
 def parent_run(
     client: MlflowClient,
     run_id: str,
