@@ -228,3 +228,21 @@ def test_dashboard_serves_the_study(settings: Settings, tmp_path: Path) -> None:
         assert [s["study_name"] for s in studies] == [settings.study]
         found = httpx.get(f"{url}/api/studies/{studies[0]['study_id']}").json()
         assert len(found["trials"]) == 2
+
+
+def test_a_bug_keeps_its_traceback_a_user_error_does_not(monkeypatch, capsys) -> None:
+    """Only FaceoptError is the user's to fix: any other exception (a bug) propagates."""
+
+    def bug(settings):
+        raise ValueError("a bug, not a user's mistake")
+
+    monkeypatch.setattr(tune, "run", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["tune"])
+
+    def mistake(settings):
+        raise StudyMismatch("study 'x' was created with space='mlp'")
+
+    monkeypatch.setattr(tune, "run", mistake)
+    assert cli.main(["tune"]) == 2
+    assert "faceopt tune: study 'x' was created with" in capsys.readouterr().err
