@@ -1,8 +1,8 @@
 """MLflow logging through MlflowClient by run id: a parent run per invocation, a child run per trial.
 
-No fluent API (mlflow.start_run) anywhere: it keeps one "active run" per thread, which breaks with
-n_jobs > 1 and when several processes share a study. Run ids passed explicitly work everywhere.
-"""
+No fluent API (mlflow.start_run) for logging: it keeps one "active run" per thread, which breaks
+with n_jobs > 1 and when several processes share a study. Run ids passed explicitly work everywhere.
+The one exception is model logging, which has no client form (registry/package.py)."""
 
 from __future__ import annotations
 
