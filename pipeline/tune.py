@@ -51,6 +51,7 @@ def run_workers(settings: Settings) -> dict:
     )
     until = workers.finished(study) + settings.n_trials
     experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
+    reconcile(client, experiment_id, study, settings)
     parent = runs.start_parent(
         client,
         experiment_id,
@@ -59,7 +60,7 @@ def run_workers(settings: Settings) -> dict:
     )
     _log_setup(client, parent, settings, attrs, split)
     # On Ctrl-C the workers got the same signal and close their own trials.
-    with runs.parent_run(client, parent, study, settings.metric):
+    with runs.parent_run(client, parent, study, settings.metric, settings.heartbeat_interval):
         cmd = [sys.executable, "-m", __name__, parent, str(until)]  # worker_main, below
         codes = workers.spawn(settings, cmd, until, study)
         if any(codes):
@@ -117,6 +118,7 @@ def run_worker(
             salt=0 if until is None else os.getpid(),
         )
     if own_parent:
+        reconcile(client, experiment_id, study, settings)
         _log_setup(client, parent, settings, attrs, split)
     objective = make_objective(settings, train_set, val_set, logger, precision)
 
@@ -124,7 +126,9 @@ def run_worker(
         return until is None or not workers.counts(study)[optuna.trial.TrialState.RUNNING]
 
     lifecycle = (
-        runs.parent_run(client, parent, study, settings.metric, plots=last)
+        runs.parent_run(
+            client, parent, study, settings.metric, settings.heartbeat_interval, plots=last
+        )
         if own_parent
         else contextlib.nullcontext()
     )
@@ -252,9 +256,17 @@ def report_run(settings: Settings, run_id: str | None = None) -> str:
     if run_id is None:
         experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
         run_id = runs.start_parent(client, experiment_id, settings.study, {"faceopt.report": "1"})
-    with runs.ended(client, run_id):
+    reconcile(client, client.get_run(run_id).info.experiment_id, study, settings)
+    with runs.ended(client, run_id), runs.heartbeat(client, run_id, settings.heartbeat_interval):
         runs.log_summary(client, run_id, study, study.user_attrs.get("metric", settings.metric))
     return run_id
+
+
+def reconcile(client, experiment_id: str, study: optuna.Study, settings: Settings) -> None:
+    """Close what killed invocations left RUNNING in MLflow (runs.reconcile): a parent is dead
+    once its heartbeat is older than the grace period (and three beats)."""
+    stale_after = max(settings.grace_period, 3 * settings.heartbeat_interval)
+    runs.reconcile(client, experiment_id, study, stale_after)
 
 
 def worker_main(argv: list[str] | None = None) -> int:

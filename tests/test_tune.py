@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -246,3 +247,51 @@ def test_a_bug_keeps_its_traceback_a_user_error_does_not(monkeypatch, capsys) ->
     monkeypatch.setattr(tune, "run", mistake)
     assert cli.main(["tune"]) == 2
     assert "faceopt tune: study 'x' was created with" in capsys.readouterr().err
+
+
+def test_reconcile_closes_what_a_killed_invocation_left_running(settings: Settings) -> None:
+    """A dead parent (old heartbeat) is KILLED at its last beat; a child takes its trial's final
+    state; a live parent and a child whose trial still runs are left alone."""
+    from pipeline.tracking import runs
+
+    study = optuna.create_study(storage=settings.storage, study_name=settings.study)
+    done = study.ask()
+    study.tell(done, 0.75)
+    still = study.ask()  # RUNNING: Optuna's heartbeats decide about it, not reconcile
+    client = runs.client_for(settings.tracking_uri)
+    exp = runs.ensure_experiment(client, settings.study, settings.artifact_root)
+    dead = runs.start_parent(client, exp, settings.study, {})
+    client.set_tag(dead, runs.HEARTBEAT_TAG, "1000000000")  # 2001: long gone
+    live = runs.start_parent(client, exp, settings.study, {})
+    other = runs.start_parent(client, exp, "another-study", {})
+    client.set_tag(other, runs.HEARTBEAT_TAG, "1000000000")
+
+    def child(trial: optuna.Trial) -> str:
+        tags = {"mlflow.parentRunId": dead, "optuna.study": settings.study}
+        tags["optuna.trial_number"] = str(trial.number)
+        return client.create_run(exp, tags=tags).info.run_id
+
+    done_run, still_run = child(done), child(still)
+
+    assert runs.reconcile(client, exp, study, stale_after=30) == 2
+    status = {r: client.get_run(r).info for r in (dead, live, other, done_run, still_run)}
+    assert status[dead].status == "KILLED" and status[dead].end_time == 1000000000 * 1000
+    assert status[live].status == "RUNNING" and status[other].status == "RUNNING"
+    assert status[done_run].status == "FINISHED" and status[still_run].status == "RUNNING"
+    finished = client.get_run(done_run).data
+    assert finished.tags["state"] == "COMPLETE" and finished.metrics["objective"] == 0.75
+    assert runs.reconcile(client, exp, study, stale_after=30) == 0  # nothing left to close
+
+
+def test_a_live_parent_run_keeps_its_heartbeat(settings: Settings) -> None:
+    from pipeline.tracking import runs
+
+    client = runs.client_for(settings.tracking_uri)
+    exp = runs.ensure_experiment(client, settings.study, settings.artifact_root)
+    run_id = runs.start_parent(client, exp, settings.study, {})
+    client.set_tag(run_id, runs.HEARTBEAT_TAG, "1000000000")
+    with runs.heartbeat(client, run_id, interval=0.05):
+        deadline = time.time() + 10
+        while client.get_run(run_id).data.tags[runs.HEARTBEAT_TAG] == "1000000000":
+            assert time.time() < deadline, "no heartbeat within 10 s"
+            time.sleep(0.05)

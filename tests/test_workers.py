@@ -199,3 +199,55 @@ def test_mlflow_server_on_postgresql(postgres_database: str, tmp_path: Path) -> 
         client.log_metric(run.info.run_id, "val_mean_acc", 0.8)
         assert client.get_run(run.info.run_id).data.metrics == {"val_mean_acc": 0.8}
     assert "postgres@127.0.0.1" in (tmp_path / "mlflow.log").read_text()  # the backend it used
+
+
+@pytest.mark.slow
+def test_mlflow_tells_the_truth_after_a_killed_tune(tmp_path: Path, settings: Settings) -> None:
+    """SIGKILL a real `faceopt tune` mid-trial; the next `tune` closes its parent run as KILLED
+    and its trial's run as FAILED (Optuna fails the trial: no heartbeat), and leaves none RUNNING."""
+    slow = settings.model_copy(
+        update={
+            "data": write_csv(synthetic_faces(3000), tmp_path / "big.csv"),
+            "epochs": 4,
+            "n_trials": 50,
+            "heartbeat_interval": 1,
+            "grace_period": 3,
+            "study": "killed-tune",
+        }
+    )
+    load_data(slow)
+    env = os.environ | workers.settings_env(slow) | {"FACEOPT_TORCH_THREADS": "1"}
+    with open(tmp_path / "tune.log", "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "tune"], env=env, stdout=out, stderr=out
+        )
+
+    def trials(state: optuna.trial.TrialState) -> list:
+        try:
+            study = optuna.load_study(study_name=slow.study, storage=slow.storage)
+        except KeyError:
+            return []
+        return study.get_trials(states=[state])
+
+    complete, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+    wait_for(lambda: trials(complete) and trials(running), 240, "a complete and a running trial")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (victim,) = trials(running)
+    time.sleep(4)  # past the grace period: the dead invocation's heartbeats have stopped
+
+    tune.run(slow.model_copy(update={"n_trials": 1}))
+
+    client = MlflowClient(slow.tracking_uri)
+    exp = client.get_experiment_by_name(slow.study).experiment_id
+    every = client.search_runs([exp], max_results=1000)
+    assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
+    parents = sorted(
+        (r for r in every if "mlflow.parentRunId" not in r.data.tags),
+        key=lambda r: r.info.start_time,
+    )
+    killed, resumed = parents
+    assert killed.info.status == "KILLED" and resumed.info.status == "FINISHED"
+    assert killed.info.end_time == int(killed.data.tags["faceopt.heartbeat"]) * 1000
+    (victim_run,) = runs_by_trial(slow)[victim.number]
+    assert victim_run.info.status == "FAILED" and victim_run.data.tags["state"] == "FAIL"

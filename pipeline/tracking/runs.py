@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -27,7 +29,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pipeline.storage import enable_wal
 from pipeline.tracking import report
 
+log = logging.getLogger(__name__)
+
 RUN_ID_ATTR = "mlflow_run_id"
+# Seconds since the epoch, stamped on a live invocation's parent run: a parent whose stamp stopped
+# belongs to a process that is gone (SIGKILL, power loss), on whichever host it ran.
+HEARTBEAT_TAG = "faceopt.heartbeat"
 # Makes the MLflow UI open an experiment on its runs table (model training), not on the GenAI
 # overview of traces it shows an experiment without the tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -62,8 +69,107 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> s
 
 def start_parent(client: MlflowClient, experiment_id: str, study: str, tags: dict) -> str:
     name = f"{study}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = client.create_run(experiment_id, run_name=name, tags={"optuna.study": study, **tags})
-    return run.info.run_id
+    tags = {
+        "optuna.study": study,
+        "faceopt.worker": f"{socket.gethostname()}:{os.getpid()}",
+        HEARTBEAT_TAG: str(int(time.time())),
+        **tags,
+    }
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+@contextlib.contextmanager
+def heartbeat(client: MlflowClient, run_id: str, interval: float) -> Iterator[None]:
+    """Stamp the run with the time every `interval` seconds while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception as error:  # a busy store must not end the run; the next beat retries
+                log.warning("could not stamp run %s's heartbeat: %s", run_id, error)
+
+    thread = threading.Thread(target=beat, name="mlflow-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def reconcile(
+    client: MlflowClient, experiment_id: str, study: optuna.Study, stale_after: float
+) -> int:
+    """Close the runs that dead invocations of this study left RUNNING; how many were closed.
+
+    A trial's run takes its trial's final state (a process killed between Optuna's tell and the
+    run's close leaves a COMPLETE trial behind a RUNNING run); a run whose trial is still RUNNING
+    is left to Optuna's heartbeats, which fail the trial (and close the run) once its worker is
+    gone. A parent run whose heartbeat is older than `stale_after` seconds is closed as KILLED,
+    ended at its last heartbeat.
+    """
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    closed = 0
+    now = time.time()
+    for run in _running(client, experiment_id):
+        tags = run.data.tags
+        if tags.get("optuna.study") != study.study_name:
+            continue
+        number = tags.get("optuna.trial_number")
+        if number is not None:
+            trial = trials.get(int(number))
+            if trial is None or not trial.state.is_finished():
+                continue
+            end = trial.datetime_complete.timestamp() if trial.datetime_complete else now
+            close_trial_run(client, run.info.run_id, trial, end_time=end)
+        else:
+            last = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
+            if now - last <= stale_after:
+                continue
+            client.set_tag(run.info.run_id, "faceopt.closed_by", "reconcile: no heartbeat")
+            client.set_terminated(run.info.run_id, status="KILLED", end_time=int(last * 1000))
+        closed += 1
+    if closed:
+        log.warning("closed %d MLflow runs that a killed invocation left RUNNING", closed)
+    return closed
+
+
+def _running(client: MlflowClient, experiment_id: str) -> Iterator:
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], "attributes.status = 'RUNNING'", max_results=500, page_token=token
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def close_trial_run(
+    client: MlflowClient,
+    run_id: str,
+    trial: optuna.trial.FrozenTrial,
+    end_time: float | None = None,
+) -> None:
+    """A finished trial's run: its state as a tag, objective and duration, and its MLflow status."""
+    metrics = {}
+    if trial.duration is not None:
+        metrics["duration_s"] = trial.duration.total_seconds()
+    if trial.value is not None:
+        metrics["objective"] = trial.value
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[RunTag("state", trial.state.name)],
+    )
+    status = STATUS.get(trial.state, "KILLED")
+    client.set_terminated(
+        run_id, status=status, end_time=None if end_time is None else int(end_time * 1000)
+    )
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
@@ -134,11 +240,12 @@ def parent_run(
     run_id: str,
     study: optuna.Study,
     metric: str,
+    heartbeat_interval: float,
     plots: Callable[[], bool] = lambda: True,
 ) -> Iterator[str]:
-    """The parent run of one invocation, ended as `ended` ends runs, after the study's summary
-    and (if `plots()`) its plots are logged on it."""
-    with ended(client, run_id):
+    """The parent run of one invocation, stamped with heartbeats while it lives and ended as
+    `ended` ends runs, after the study's summary and (if `plots()`) its plots are logged on it."""
+    with ended(client, run_id), heartbeat(client, run_id, heartbeat_interval):
         try:
             yield run_id
         finally:
@@ -212,15 +319,10 @@ class TrialLogger:
         future = self.client.log_batch(run_id, metrics=batch, synchronous=False)
         self._pending.setdefault(run_id, []).append(future)
 
-    def _close(self, run_id: str, tags: dict, status: str, metrics: dict | None = None) -> None:
+    def _close(self, run_id: str, tags: dict, status: str) -> None:
         for future in self._pending.pop(run_id, []):
             future.wait()
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-            tags=[RunTag(k, v) for k, v in tags.items()],
-        )
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if status:
             self.client.set_terminated(run_id, status=status)
 
@@ -248,10 +350,6 @@ class TrialLogger:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id is None:  # the trial failed before its run was created
             return
-        metrics = {}
-        if trial.duration is not None:
-            metrics["duration_s"] = trial.duration.total_seconds()
-        if trial.value is not None:
-            metrics["objective"] = trial.value
-        status = STATUS.get(trial.state, "KILLED")
-        self._close(run_id, {"state": trial.state.name}, status, metrics)
+        for future in self._pending.pop(run_id, []):
+            future.wait()
+        close_trial_run(self.client, run_id, trial)
