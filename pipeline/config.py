@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # process's event loop (HTTP, multipart, JSON) holds the GIL, so more cores need more processes.
     serve_workers: int = Field(1, ge=1)
     alias: str = "champion"  # the registry alias the service loads
+    # Seconds between looks at the alias; a moved alias is loaded and swapped in by itself (a
+    # version that fails to load is skipped, the old one serving on). None: only POST /reload.
+    watch_alias: float | None = Field(None, gt=0)
     max_file_bytes: int = Field(5 * 1024 * 1024, ge=1)
     max_files: int = Field(16, ge=1)
     # Whole request body; default: max_files files at max_file_bytes, plus the multipart framing.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import torch
 from fastapi import FastAPI, Request
@@ -46,7 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.batcher = Batcher(settings.max_batch)
         app.state.decode = DecodePool(settings.decode_slots)
         await app.state.batcher.start()
+        watcher = asyncio.create_task(_watch(store, settings.watch_alias))
         yield
+        watcher.cancel()
+        with suppress(asyncio.CancelledError):
+            await watcher
         await app.state.batcher.stop()
         app.state.decode.close()
 
@@ -64,6 +69,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guard, settings=settings)  # the outermost: before anything is parsed
     app.include_router(routes.router)
     return app
+
+
+async def _watch(store: ModelStore, every: float | None) -> None:
+    """Follow the registry alias every `every` seconds (FACEOPT_WATCH_ALIAS), if set."""
+    while every:
+        await asyncio.sleep(every)
+        try:
+            await run_in_threadpool(store.follow)
+        except Exception:  # an unreachable registry now and then must not end the watch
+            log.exception(
+                "watching %s@%s failed; trying again in %s s", store.name, store.alias, every
+            )
 
 
 def app_from_env() -> FastAPI:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -40,16 +43,36 @@ class Loaded:
 
 
 def load(tracking_uri: str, name: str, alias: str) -> Loaded:
-    """The version that `alias` points at, loaded through mlflow.pyfunc."""
+    """The version that `alias` points at: its weights and JSON metadata, read into this
+    installed code. The version's own Python code (its pyfunc, for MLflow's other consumers) is
+    never run here: whoever can register a version must not run code in the service."""
     client = MlflowClient(tracking_uri)
     try:
         version = client.get_model_version_by_alias(name, alias)
     except MlflowException as e:
         raise NoModel(f"no {alias} registered for model {name!r}: run make train-best") from e
-    mlflow.set_tracking_uri(tracking_uri)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
-    # The torch network itself: one batch through it, without pyfunc's DataFrame round trip.
-    model = pyfunc.unwrap_python_model()
+    root = client.get_model_version_download_uri(name, version.version)
+    what = f"version {version.version} of model {name!r}"
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def fetch(path: str) -> Path:
+            uri = f"{root.rstrip('/')}/{path}"
+            local = mlflow.artifacts.download_artifacts(
+                uri, dst_path=tmp, tracking_uri=tracking_uri
+            )
+            return Path(local)
+
+        mlmodel = yaml.safe_load(fetch("MLmodel").read_text()) or {}
+        files = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
+        if not {"meta", "weights"} <= set(files):
+            raise NoModel(
+                f"{what} is not a faceopt model: its pyfunc has no 'meta' and 'weights' artifacts"
+            )
+        model = FaceModel()
+        try:
+            model.load(fetch(files["meta"]["path"]), fetch(files["weights"]["path"]))
+        except ValueError as e:
+            raise NoModel(f"{what}: {e}") from e
     return Loaded(name, str(version.version), alias, version.run_id, dict(version.tags), model)
 
 
@@ -61,6 +84,7 @@ class ModelStore:
         self._current: Loaded | None = None
         self._reload_lock = threading.Lock()
         self.last_error: str | None = None
+        self._failed_version: str | None = None  # the watcher does not retry it every poll
 
     @property
     def current(self) -> Loaded:
@@ -90,3 +114,25 @@ class ModelStore:
             self.last_error = None
             log.info("serving %s version %s (%s)", loaded.name, loaded.version, loaded.alias)
             return loaded
+
+    def follow(self) -> Loaded | None:
+        """Reload if the alias now points at another version than the one served (and than
+        the one that last failed to load); the newly served model, or None."""
+        try:
+            target = MlflowClient(self.tracking_uri).get_model_version_by_alias(
+                self.name, self.alias
+            )
+        except MlflowException:  # the alias was removed: keep serving what we have
+            return None
+        version = str(target.version)
+        served = self._current.version if self._current else None
+        if version in (served, self._failed_version):
+            return None
+        try:
+            loaded = self.reload()
+        except NoModel as e:
+            self._failed_version = version
+            log.warning("%s moved to version %s, which did not load: %s", self.alias, version, e)
+            return None
+        self._failed_version = None
+        return loaded

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +267,82 @@ def test_reload_swaps_versions_and_a_failed_reload_keeps_the_old(registered: Set
             == new["version"]
         )
     client.set_registered_model_alias("faces", "champion", "1")  # leave the module's store as found
+
+
+def clone_version(registered: Settings, tmp: Path, edit) -> str:
+    """Register a copy of version 1's files, changed by edit(copy_dir); its version number."""
+    client = MlflowClient(registered.tracking_uri)
+    v1 = client.get_model_version("faces", "1")
+    logged = client.get_logged_model(v1.source.removeprefix("models:/"))
+    copy = tmp / "copy"
+    shutil.copytree(logged.artifact_location.removeprefix("file://"), copy)
+    edit(copy)
+    return str(client.create_model_version("faces", str(copy), v1.run_id).version)
+
+
+def wait_for_version(c: TestClient, version: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while c.get("/model").json()["version"] != version:
+        assert time.time() < deadline, f"version {version} not served within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_the_service_runs_no_code_from_the_registry(registered: Settings, tmp_path: Path) -> None:
+    """A version whose model code would write a file on import is served from its weights and
+    JSON alone; a version in a format this code does not know is refused, saying so."""
+    marker = tmp_path / "ran"
+    trap = f"open({str(marker)!r}, 'w').write('code from the artifact store ran')\n"
+
+    def booby_trap(copy: Path) -> None:
+        for source in copy.rglob("*.py"):  # the models-from-code entry and code_paths
+            source.write_text(trap + source.read_text())
+
+    def future_format(copy: Path) -> None:
+        meta = json.loads((copy / "artifacts" / "meta.json").read_text())
+        (copy / "artifacts" / "meta.json").write_text(json.dumps(meta | {"format": "faceopt/9"}))
+
+    client = MlflowClient(registered.tracking_uri)
+    trapped = clone_version(registered, tmp_path / "a", booby_trap)
+    future = clone_version(registered, tmp_path / "b", future_format)
+    guarded = registered.model_copy(update={"reload_token": SecretStr("s3cret")})
+    auth = {"Authorization": "Bearer s3cret"}
+    try:
+        with TestClient(create_app(guarded), base_url=LOCAL) as c:
+            client.set_registered_model_alias("faces", "champion", trapped)
+            assert c.post("/reload", headers=auth).json()["version"] == trapped
+            answer = c.post("/predict", files=[upload("a.jpg", image_bytes())])
+            assert answer.status_code == 200 and not marker.exists()
+
+            client.set_registered_model_alias("faces", "champion", future)
+            r = c.post("/reload", headers=auth)
+            assert r.status_code == 503 and "'faceopt/9'" in r.json()["detail"]
+            assert "faceopt/1" in r.json()["detail"]
+            assert c.get("/model").json()["version"] == trapped
+    finally:
+        client.set_registered_model_alias("faces", "champion", "1")
+
+
+def test_the_alias_watcher_follows_and_survives_a_bad_version(
+    registered: Settings, tmp_path: Path
+) -> None:
+    def break_weights(copy: Path) -> None:
+        (copy / "artifacts" / "weights.pt").write_bytes(b"not torch")
+
+    client = MlflowClient(registered.tracking_uri)
+    good = clone_version(registered, tmp_path / "good", lambda copy: None)
+    bad = clone_version(registered, tmp_path / "bad", break_weights)
+    watching = registered.model_copy(update={"watch_alias": 0.05})
+    try:
+        with TestClient(create_app(watching), base_url=LOCAL) as c:
+            assert c.get("/model").json()["version"] == "1"
+            client.set_registered_model_alias("faces", "champion", good)
+            wait_for_version(c, good)
+            client.set_registered_model_alias("faces", "champion", bad)
+            time.sleep(1)  # many polls: each one sees the moved alias; the bad version fails once
+            assert c.get("/model").json()["version"] == good
+            answer = c.post("/predict", files=[upload("a.jpg", image_bytes())])
+            assert answer.status_code == 200 and answer.json()["model"]["version"] == good
+            client.set_registered_model_alias("faces", "champion", "1")
+            wait_for_version(c, "1")
+    finally:
+        client.set_registered_model_alias("faces", "champion", "1")

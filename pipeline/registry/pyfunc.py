@@ -19,6 +19,10 @@ from pipeline.data import labels, preprocess
 from pipeline.model import network
 from pipeline.training import calibrate
 
+# The layout of meta.json and weights.pt that this code reads. Versions registered before the
+# field existed have this layout. A change that older code would misread gets a new name.
+FORMAT = "faceopt/1"
+
 
 def metadata(
     params: dict,
@@ -30,6 +34,7 @@ def metadata(
     calibrated probabilities (softmax of logits / temperature, per head). `precision` is what
     trained the weights; they are stored and run in fp32."""
     return {
+        "format": FORMAT,
         "params": params,
         "trained_precision": precision,
         "age_edges": list(edges),
@@ -113,10 +118,21 @@ class FaceModel(PythonModel):
     """uint8 N x 48 x 48 faces -> per head the label and every class probability."""
 
     def load_context(self, context) -> None:
-        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.load(Path(context.artifacts["meta"]), Path(context.artifacts["weights"]))
+
+    def load(self, meta: Path, weights: Path) -> None:
+        """The network from the version's two files: JSON and tensors only (weights_only), so
+        loading runs none of the version's code, whoever wrote the files."""
+        self.meta = json.loads(meta.read_text())
+        found = self.meta.get("format", FORMAT)
+        if found != FORMAT:
+            raise ValueError(
+                f"model format {found!r}; this faceopt reads {FORMAT!r}: serve it with the "
+                "faceopt version that registered it, or retrain it with this one"
+            )
         classes = {head: len(names) for head, names in self.meta["classes"].items()}
         self.net = network.build(self.meta["params"], classes)
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
         self.net = network.fold_batch_norm(self.net.eval())
 
