@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager, suppress
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -27,6 +28,9 @@ from serving.store import ModelStore, NoModel
 log = logging.getLogger(__name__)
 # `faceopt serve --workers N` hands its settings to uvicorn's worker processes through this variable.
 SETTINGS_ENV = "FACEOPT_SERVE_SETTINGS"
+# Text fields the multipart parser reads before the route refuses them (422), and their size:
+# Starlette's defaults are 1,000 parts of either kind; the parser stops at these instead.
+FORM_FIELDS, FORM_FIELD_BYTES = 8, 64 * 1024
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -59,10 +63,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="faceopt",
         description="Age bracket, ethnicity and gender from face photos, by the registered champion.",
         lifespan=lifespan,
-        # Starlette's defaults are 1,000 parts of either kind; the parser stops at these instead.
-        form_limits={"max_files": settings.max_files, "max_fields": 8, "max_part_size": 64 * 1024},
+        form_limits={
+            "max_files": settings.max_files,
+            "max_fields": FORM_FIELDS,
+            "max_part_size": FORM_FIELD_BYTES,
+        },
     )
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.openapi = _documented(app, settings)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
@@ -81,6 +90,58 @@ async def _watch(store: ModelStore, every: float | None) -> None:
             log.exception(
                 "watching %s@%s failed; trying again in %s s", store.name, store.alias, every
             )
+
+
+def _documented(app: FastAPI, settings: Settings):
+    """FastAPI's OpenAPI document, with the upload body as the service accepts it: one or more
+    non-empty image files in `files`, or one in `file`, and nothing else (FastAPI would say both
+    may be missing or null)."""
+    generated = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = generated()
+            image = {
+                "type": "string",
+                "format": "binary",
+                "contentMediaType": "image/*",
+                "minLength": 1,
+            }
+            document["components"]["schemas"]["Body_predict_predict_post"] = {
+                "title": "Body_predict_predict_post",
+                "type": "object",
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": image,
+                        "maxItems": settings.max_files,
+                        "description": "one or more images (JPEG, PNG, WebP, BMP or GIF)",
+                    },
+                    "file": image | {"description": "a single image"},
+                },
+                # One image at least: an empty `files` is no part at all on the wire.
+                "anyOf": [
+                    {"required": ["files"], "properties": {"files": {"minItems": 1}}},
+                    {"required": ["file"]},
+                ],
+                "additionalProperties": False,
+            }
+            document["paths"]["/predict"]["post"]["requestBody"]["required"] = True
+        return app.openapi_schema
+
+    return openapi
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422s in the service's one error shape: `detail` is a sentence, not a list."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"] if part != "body")
+        message = error["msg"]
+        if "Expected UploadFile" in message:
+            message = "expected an image file (a part with a filename), got a text field"
+        problems.append(f"{where}: {message}")
+    return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
 
 
 def app_from_env() -> FastAPI:

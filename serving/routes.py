@@ -122,6 +122,13 @@ async def predict(
 ) -> schemas.PredictResponse:
     """Face images (JPEG, PNG, WebP, BMP, GIF) -> age bracket, ethnicity and gender."""
     uploads = [*(files or []), *([file] if file else [])]
+    unexpected = sorted(set((await request.form()).keys()) - {"files", "file"})  # parsed once
+    if unexpected:
+        raise HTTPException(
+            422,
+            f"unexpected form fields {unexpected}: send images in the multipart field 'files' "
+            "(or one in 'file'), and nothing else",
+        )
     if not uploads:
         raise HTTPException(422, "no image: send one or more files in the multipart field 'files'")
     names = [u.filename or f"file{i}" for i, u in enumerate(uploads)]

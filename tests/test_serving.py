@@ -346,3 +346,16 @@ def test_the_alias_watcher_follows_and_survives_a_bad_version(
             wait_for_version(c, "1")
     finally:
         client.set_registered_model_alias("faces", "champion", "1")
+
+
+def test_form_errors_are_the_services_json_error(client: TestClient) -> None:
+    """FastAPI's own 422 (a text part where a file belongs) has the documented `detail` string,
+    and a field the document does not list is refused, not ignored."""
+    image = upload("a.jpg", image_bytes())
+    r = client.post("/predict", files=[("files", (None, b"null"))])
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str)
+    assert "files.0: expected an image file" in r.json()["detail"]
+    r = client.post("/predict", files=[image], data={"name": "me"})
+    assert r.status_code == 422 and "unexpected form fields ['name']" in r.json()["detail"]
+    body = client.get("/openapi.json").json()["components"]["schemas"]["Body_predict_predict_post"]
+    assert body["additionalProperties"] is False and "null" not in str(body)

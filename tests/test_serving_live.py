@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -155,3 +156,29 @@ def test_browser_uploads_and_sees_predictions(server: str, tmp_path: Path) -> No
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
             browser.close()
+
+
+def schemathesis(url: str, log: Path, *flags: str) -> None:
+    """schemathesis against the live service's own OpenAPI document, every check on (see
+    tests/schemathesis.toml); fails the test with its report when it finds anything."""
+    st = Path(sys.executable).with_name("st")
+    config = Path(__file__).with_name("schemathesis.toml")
+    cmd = [str(st), "--config-file", str(config), "--no-color", "run", f"{url}/openapi.json"]
+    cmd += ["--max-examples", "60", "--workers", "1", "--seed", "1", *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=log.parent)
+    log.write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert " passed" in done.stdout and "failure" not in done.stdout
+
+
+def test_schemathesis_finds_nothing(registered: Settings, tmp_path: Path) -> None:
+    """/predict, /reload, /model, /ready, /health, with the reload token unset and set."""
+    with running_server(registered, tmp_path / "open.log", "--model-name", "faces") as (url, _):
+        schemathesis(url, tmp_path / "st-no-token.log")
+    token = {"FACEOPT_RELOAD_TOKEN": "s3cret"}
+    with running_server(registered, tmp_path / "token.log", "--model-name", "faces", env=token) as (
+        url,
+        _,
+    ):
+        schemathesis(url, tmp_path / "st-token.log", "-H", "Authorization: Bearer s3cret")
+        schemathesis(url, tmp_path / "st-token-missing.log", "--include-path", "/reload")
