@@ -215,7 +215,9 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
         args.port,
         redact(backend),
     )
-    return subprocess.call(cmd, env=os.environ | {"PATH": path})
+    # The server takes this process's place, so a service manager's SIGTERM (or Ctrl-C) reaches
+    # MLflow itself and stops what it started, instead of leaving it behind a dead parent.
+    os.execve(sys.executable, cmd, os.environ | {"PATH": path})
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -299,7 +301,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     log.info(
         "MLflow UI on http://%s:%s for %s", args.host, args.port, redact(settings.tracking_uri)
     )
-    return subprocess.call(cmd)
+    os.execv(cmd[0], cmd)  # as mlflow-server: signals reach MLflow itself
 
 
 def parser() -> argparse.ArgumentParser:

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -183,6 +185,16 @@ def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
     assert len(optuna.load_study(study_name="interrupt", storage=slow.storage).trials) == before + 1
 
 
+def session_of(sid: int) -> list[psutil.Process]:
+    """The processes still alive in session `sid` (server_process starts each in its own)."""
+    found = []
+    for process in psutil.process_iter():
+        with suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+    return found
+
+
 @pytest.mark.slow
 def test_mlflow_server_on_postgresql(postgres_database: str, tmp_path: Path) -> None:
     """`faceopt mlflow-server` (backend from FACEOPT_MLFLOW_BACKEND) as a real process on the
@@ -193,11 +205,15 @@ def test_mlflow_server_on_postgresql(postgres_database: str, tmp_path: Path) -> 
     cmd = [sys.executable, "-m", "pipeline.cli", "mlflow-server", "--port", str(port)]
     cmd += ["--artifacts", str(tmp_path / "artifacts")]
     url = f"http://127.0.0.1:{port}"
-    with server_process(cmd, f"{url}/health", env, tmp_path / "mlflow.log"):
+    with server_process(cmd, f"{url}/health", env, tmp_path / "mlflow.log") as proc:
         client = MlflowClient(url)
         run = client.create_run(client.create_experiment("shared"))
         client.log_metric(run.info.run_id, "val_mean_acc", 0.8)
         assert client.get_run(run.info.run_id).data.metrics == {"val_mean_acc": 0.8}
+        # A service manager stops the pid it started: nothing of the server may outlive it.
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        wait_for(lambda: not session_of(proc.pid), 30, "the server's processes to stop")
     assert "postgres@127.0.0.1" in (tmp_path / "mlflow.log").read_text()  # the backend it used
 
 
