@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from pydantic import SecretStr
 
 from pipeline import storage, train_best, tune
 from pipeline.config import Settings
+from serving import decode
 from serving.app import create_app
 from serving.guard import host_name
 from tests.conftest import LOCAL, make_settings, synthetic_faces, write_csv
@@ -182,3 +186,31 @@ def test_no_password_reaches_the_tracking_store(
     assert len(stores) > 10
     for path in stores:
         assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+def test_the_decode_pool_bounds_how_many_images_are_decoded_at_once(monkeypatch) -> None:
+    """16 uploads at once through a pool of 2: never more than 2 photos in memory together
+    (the memory figures themselves are `make bench-abuse`'s)."""
+    active, most, lock = 0, 0, threading.Lock()
+
+    def slow_cut(file, name, settings):
+        nonlocal active, most
+        with lock:
+            active += 1
+            most = max(most, active)
+        time.sleep(0.02)
+        with lock:
+            active -= 1
+        return name
+
+    monkeypatch.setattr(decode, "cut_face", slow_cut)
+    pool = decode.DecodePool(2)
+
+    async def burst() -> list:
+        return await asyncio.gather(*(pool.face(None, f"f{i}", Settings()) for i in range(16)))
+
+    try:
+        assert asyncio.run(burst()) == [f"f{i}" for i in range(16)]
+    finally:
+        pool.close()
+    assert most == 2
