@@ -8,12 +8,14 @@ import sqlite3
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
@@ -101,17 +103,38 @@ def load_study(url: str, name: str, heartbeat_interval: int, grace_period: int) 
     )
 
 
-def latest_study(url: str, heartbeat_interval: int, grace_period: int) -> str | None:
-    """The name of the study whose newest trial started last (None: no study with trials)."""
+@dataclass(frozen=True)
+class StudyInfo:
+    """One study of a storage, as `train-best` chooses among them."""
+
+    name: str
+    trials: int
+    complete: int
+    running: int
+    best: float | None
+    last_start: datetime | None  # when its newest trial started
+
+
+def studies(url: str, heartbeat_interval: int, grace_period: int) -> list[StudyInfo]:
+    """Every study in the storage, the one whose newest trial started last first."""
     store = open_storage(url, heartbeat_interval, grace_period)
-    newest = {}
+    found = []
     for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
         study_id = store.get_study_id_from_name(summary.study_name)
         trials = store.get_all_trials(study_id, deepcopy=False)
+        complete = [t.value for t in trials if t.state == TrialState.COMPLETE]
         starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-        if starts:
-            newest[summary.study_name] = max(starts)
-    return max(newest, key=newest.get) if newest else None
+        found.append(
+            StudyInfo(
+                name=summary.study_name,
+                trials=len(trials),
+                complete=len(complete),
+                running=sum(t.state == TrialState.RUNNING for t in trials),
+                best=max(complete) if complete else None,
+                last_start=max(starts) if starts else None,
+            )
+        )
+    return sorted(found, key=lambda s: s.last_start or datetime.min, reverse=True)
 
 
 def retry_stale(max_retry: int, before: StaleCallback | None = None) -> StaleCallback:

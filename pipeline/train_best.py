@@ -39,12 +39,16 @@ def for_study(settings: Settings) -> Settings:
     given = settings.model_fields_set
     name = settings.study
     if "study" not in given:
-        name = (
-            storage.latest_study(
-                settings.storage, settings.heartbeat_interval, settings.grace_period
-            )
-            or name
+        found = storage.studies(
+            settings.storage, settings.heartbeat_interval, settings.grace_period
         )
+        if found:
+            name = tuned_last(found, settings.storage)
+            log.info(
+                "train-best: study %r, the one tuned last in %s (STUDY=... to choose another)",
+                name,
+                storage.redact(settings.storage),
+            )
     try:
         attrs = storage.load_study(
             settings.storage, name, settings.heartbeat_interval, settings.grace_period
@@ -60,6 +64,29 @@ def for_study(settings: Settings) -> Settings:
     if updates != {"study": settings.study}:
         log.info("train-best: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
     return settings.model_copy(update=updates)
+
+
+def tuned_last(found: list[storage.StudyInfo], url: str) -> str:
+    """The study whose newest trial started last; refused, with every study and the command
+    that retrains it, when that is not the one a user means: several studies are being tuned
+    right now, or the last one has no completed trial while another has."""
+    latest = found[0]
+    busy = [s.name for s in found if s.running]
+    if len(busy) > 1:
+        why = f"studies {busy} are being tuned right now"
+    elif not latest.complete and any(s.complete for s in found[1:]):
+        why = f"the study tuned last, {latest.name!r}, has no completed trial yet"
+    else:
+        return latest.name
+    lines = [f"which study to retrain is not clear: {why}. The studies in {storage.redact(url)}:"]
+    for s in found:
+        best = f"best {s.best:.4f}" if s.best is not None else "no completed trial"
+        started = f"{s.last_start:%Y-%m-%d %H:%M}" if s.last_start else "never"
+        lines.append(
+            f"  {s.name}: {s.trials} trials ({s.running} running), {best}, last trial started "
+            f"{started}: make train-best STUDY={s.name}"
+        )
+    raise TrainBestError("\n".join(lines))
 
 
 def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTrial, dict]:

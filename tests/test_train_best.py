@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,22 @@ def test_train_best_after_tune_needs_no_settings_repeated(
     assert train_best.for_study(bare.model_copy(update={"train_epochs": 2})).train_epochs == 2
     result = train_best.run(bare.model_copy(update={"train_epochs": 2}))
     assert result["alias"] == "champion" and result["epochs"] == 2
+
+
+def test_train_best_lists_the_studies_when_the_choice_is_not_clear(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The study tuned last has no completed trial (all pruned, or just started) while another
+    has: no guess, but every study with its best value and the command for it."""
+    tune.run(settings.model_copy(update={"study": "done", "n_trials": 1}))
+    started = optuna.create_study(storage=settings.storage, study_name="just-started")
+    started.ask()  # a trial running, none complete
+    bare = Settings(storage=settings.storage, tracking_uri=settings.tracking_uri)
+    with pytest.raises(train_best.TrainBestError) as refused:
+        train_best.for_study(bare)
+    message = str(refused.value)
+    assert "'just-started', has no completed trial yet" in message
+    assert (
+        "make train-best STUDY=done" in message and "make train-best STUDY=just-started" in message
+    )
+    assert re.search(r"done: 1 trials \(0 running\), best 0\.\d{4}", message)
