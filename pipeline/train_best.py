@@ -318,10 +318,13 @@ def run(settings: Settings, promote: bool = False) -> dict:
         "data.fingerprint": faces.fingerprint,
         "split.digest": split.digest(),
     }
+    runs.reconcile(client, experiment_id, study, settings.heartbeat_interval, settings.grace_period)
     run_name = f"train-best-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags[runs.HEARTBEAT_TAG] = str(int(time.time()))
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     monitor = runs.system_metrics(settings.tracking_uri, run_id, settings.system_metrics_interval)
-    with runs.ended(client, run_id), monitor:
+    alive = runs.heartbeat(client, run_id, settings.heartbeat_interval)
+    with runs.ended(client, run_id), alive, monitor:
         runs.log_params(
             client,
             run_id,

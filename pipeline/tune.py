@@ -51,7 +51,7 @@ def run_workers(settings: Settings) -> dict:
     )
     until = workers.finished(study) + settings.n_trials
     experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
-    reconcile(client, experiment_id, study, settings)
+    runs.reconcile(client, experiment_id, study, settings.heartbeat_interval, settings.grace_period)
     parent = runs.start_parent(
         client,
         experiment_id,
@@ -118,7 +118,9 @@ def run_worker(
             salt=0 if until is None else os.getpid(),
         )
     if own_parent:
-        reconcile(client, experiment_id, study, settings)
+        runs.reconcile(
+            client, experiment_id, study, settings.heartbeat_interval, settings.grace_period
+        )
         _log_setup(client, parent, settings, attrs, split)
     objective = make_objective(settings, train_set, val_set, logger, precision)
 
@@ -256,17 +258,11 @@ def report_run(settings: Settings, run_id: str | None = None) -> str:
     if run_id is None:
         experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
         run_id = runs.start_parent(client, experiment_id, settings.study, {"faceopt.report": "1"})
-    reconcile(client, client.get_run(run_id).info.experiment_id, study, settings)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    runs.reconcile(client, experiment_id, study, settings.heartbeat_interval, settings.grace_period)
     with runs.ended(client, run_id), runs.heartbeat(client, run_id, settings.heartbeat_interval):
         runs.log_summary(client, run_id, study, study.user_attrs.get("metric", settings.metric))
     return run_id
-
-
-def reconcile(client, experiment_id: str, study: optuna.Study, settings: Settings) -> None:
-    """Close what killed invocations left RUNNING in MLflow (runs.reconcile): a parent is dead
-    once its heartbeat is older than the grace period (and three beats)."""
-    stale_after = max(settings.grace_period, 3 * settings.heartbeat_interval)
-    runs.reconcile(client, experiment_id, study, stale_after)
 
 
 def worker_main(argv: list[str] | None = None) -> int:

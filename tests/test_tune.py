@@ -265,6 +265,8 @@ def test_reconcile_closes_what_a_killed_invocation_left_running(settings: Settin
     live = runs.start_parent(client, exp, settings.study, {})
     other = runs.start_parent(client, exp, "another-study", {})
     client.set_tag(other, runs.HEARTBEAT_TAG, "1000000000")
+    # An older faceopt's run (no heartbeat tag): alive or dead, nothing tells; it is left alone.
+    legacy = client.create_run(exp, tags={"optuna.study": settings.study}).info.run_id
 
     def child(trial: optuna.Trial) -> str:
         tags = {"mlflow.parentRunId": dead, "optuna.study": settings.study}
@@ -273,14 +275,14 @@ def test_reconcile_closes_what_a_killed_invocation_left_running(settings: Settin
 
     done_run, still_run = child(done), child(still)
 
-    assert runs.reconcile(client, exp, study, stale_after=30) == 2
-    status = {r: client.get_run(r).info for r in (dead, live, other, done_run, still_run)}
+    assert runs.reconcile(client, exp, study, heartbeat_interval=10, grace_period=30) == 2
+    status = {r: client.get_run(r).info for r in (dead, live, other, legacy, done_run, still_run)}
     assert status[dead].status == "KILLED" and status[dead].end_time == 1000000000 * 1000
-    assert status[live].status == "RUNNING" and status[other].status == "RUNNING"
+    assert {status[r].status for r in (live, other, legacy)} == {"RUNNING"}
     assert status[done_run].status == "FINISHED" and status[still_run].status == "RUNNING"
     finished = client.get_run(done_run).data
     assert finished.tags["state"] == "COMPLETE" and finished.metrics["objective"] == 0.75
-    assert runs.reconcile(client, exp, study, stale_after=30) == 0  # nothing left to close
+    assert runs.reconcile(client, exp, study, 10, 30) == 0  # nothing left to close
 
 
 def test_a_live_parent_run_keeps_its_heartbeat(settings: Settings) -> None:

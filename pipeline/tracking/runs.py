@@ -100,16 +100,22 @@ def heartbeat(client: MlflowClient, run_id: str, interval: float) -> Iterator[No
 
 
 def reconcile(
-    client: MlflowClient, experiment_id: str, study: optuna.Study, stale_after: float
+    client: MlflowClient,
+    experiment_id: str,
+    study: optuna.Study,
+    heartbeat_interval: float,
+    grace_period: float,
 ) -> int:
     """Close the runs that dead invocations of this study left RUNNING; how many were closed.
 
     A trial's run takes its trial's final state (a process killed between Optuna's tell and the
     run's close leaves a COMPLETE trial behind a RUNNING run); a run whose trial is still RUNNING
     is left to Optuna's heartbeats, which fail the trial (and close the run) once its worker is
-    gone. A parent run whose heartbeat is older than `stale_after` seconds is closed as KILLED,
-    ended at its last heartbeat.
+    gone. Any other run (a tuning invocation's, train-best's, report's) whose heartbeat is older
+    than the grace period and three beats is closed as KILLED, ended at its last heartbeat; one
+    without a heartbeat tag (an older faceopt's) cannot be judged and is left as it is.
     """
+    stale_after = max(grace_period, 3 * heartbeat_interval)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     closed = 0
     now = time.time()
@@ -125,7 +131,9 @@ def reconcile(
             end = trial.datetime_complete.timestamp() if trial.datetime_complete else now
             close_trial_run(client, run.info.run_id, trial, end_time=end)
         else:
-            last = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
+            if HEARTBEAT_TAG not in tags:
+                continue
+            last = float(tags[HEARTBEAT_TAG])
             if now - last <= stale_after:
                 continue
             client.set_tag(run.info.run_id, "faceopt.closed_by", "reconcile: no heartbeat")
