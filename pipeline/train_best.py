@@ -189,15 +189,27 @@ def fit_best(
     return net, history, best["epoch"]
 
 
+def choose_flip_average(net, val: train.Tensors, metric: str) -> tuple[bool, dict[str, float]]:
+    """Whether averaging each face's logits with its mirror image's helps this network, decided
+    on the validation split by the study's metric (the test split chooses nothing); with the
+    validation accuracies both ways, for the run."""
+    plain = train.accuracies(train.predict_logits(net, val.x), val.y)
+    flipped = train.accuracies(train.predict_logits(net, val.x, flip_average=True), val.y)
+    key = train.metric_key(metric)
+    scores = {f"{k}_plain": v for k, v in plain.items()}
+    scores |= {f"{k}_flip_average": v for k, v in flipped.items()}
+    return flipped[key] > plain[key], scores
+
+
 def calibrate_and_test(
-    net, val: train.Tensors, test: train.Tensors
+    net, val: train.Tensors, test: train.Tensors, flip_average: bool
 ) -> tuple[dict[str, float], dict, dict, dict[str, float]]:
     """Temperatures fitted on validation; test predictions and calibration with and without them.
-    In fp32 whatever precision trained the weights: the service runs them in fp32, and the card
-    reports what the service answers."""
-    val_logits = train.predict_logits(net, val.x)
+    In fp32 whatever precision trained the weights, and with the version's flip averaging: the
+    card reports what the service answers."""
+    val_logits = train.predict_logits(net, val.x, flip_average=flip_average)
     temperatures = {h: calibrate.fit_temperature(val_logits[h], val.y[h]) for h in labels.HEADS}
-    logits = train.predict_logits(net, test.x)
+    logits = train.predict_logits(net, test.x, flip_average=flip_average)
     pred = {head: logits[head].argmax(1).cpu().numpy() for head in labels.HEADS}
     truth = {head: y.cpu().numpy() for head, y in test.y.items()}
     return temperatures, pred, truth, calibrate.report(logits, test.y, temperatures)
@@ -341,7 +353,12 @@ def run(settings: Settings, promote: bool = False) -> dict:
         net, history, best_epoch = fit_best(
             params, sets, settings, seed, metric, labels.num_classes(edges), precision, log_scores
         )
-        temperatures, pred, truth, calibration = calibrate_and_test(net, sets["val"], sets["test"])
+        flip, flip_scores = choose_flip_average(net, sets["val"], metric)
+        runs.log_metrics(client, run_id, flip_scores)
+        runs.log_params(client, run_id, {"flip_average": flip})
+        temperatures, pred, truth, calibration = calibrate_and_test(
+            net, sets["val"], sets["test"], flip
+        )
         runs.log_metrics(client, run_id, calibration)
         card = {
             "model_name": settings.model_name,
@@ -359,6 +376,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
             "device": device,
             "precision": precision.name,
             "params": params,
+            "flip_average": flip,
             "calibration": calibration,
         }
         scores = log_evaluation(client, run_id, pred, truth, edges, card)
@@ -373,6 +391,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
             temperatures,
             settings.model_name,
             precision.name,
+            flip,
         )
         for tag, value in {
             **scores,

@@ -23,6 +23,7 @@ def log_and_register(
     temperatures: dict[str, float],
     name: str,
     precision: str = "fp32",
+    flip_average: bool = False,
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Log the pyfunc (weights, params, labels, temperatures, preprocessing) on run `run_id` and
     register it. The one place faceopt uses MLflow's fluent API: model logging has no client
@@ -35,7 +36,9 @@ def log_and_register(
         weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "meta.json"
         torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
         meta.write_text(
-            json.dumps(pyfunc.metadata(params, edges, temperatures, precision), indent=2)
+            json.dumps(
+                pyfunc.metadata(params, edges, temperatures, precision, flip_average), indent=2
+            )
         )
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(

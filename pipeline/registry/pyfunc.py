@@ -17,11 +17,13 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 
 from pipeline.data import labels, preprocess
 from pipeline.model import network
-from pipeline.training import calibrate
+from pipeline.training import calibrate, train
 
-# The layout of meta.json and weights.pt that this code reads. Versions registered before the
-# field existed have this layout. A change that older code would misread gets a new name.
-FORMAT = "faceopt/1"
+# The layout of meta.json and weights.pt this code writes, and the ones it reads (versions
+# registered before the field existed are faceopt/1). A change that older code would misread
+# gets a new name: faceopt/2 added `flip_average`, which faceopt/1 readers would ignore.
+FORMAT = "faceopt/2"
+READS = ("faceopt/1", "faceopt/2")
 
 
 def metadata(
@@ -29,13 +31,16 @@ def metadata(
     edges: tuple[int, ...],
     temperatures: dict[str, float] | None = None,
     precision: str = "fp32",
+    flip_average: bool = False,
 ) -> dict:
     """Everything serving needs to rebuild the network and reproduce preprocessing, labels and
-    calibrated probabilities (softmax of logits / temperature, per head). `precision` is what
-    trained the weights; they are stored and run in fp32."""
+    calibrated probabilities (softmax of logits / temperature, per head, the logits averaged
+    with the mirror image's when `flip_average`). `precision` is what trained the weights; they
+    are stored and run in fp32."""
     return {
         "format": FORMAT,
         "params": params,
+        "flip_average": flip_average,
         "trained_precision": precision,
         "age_edges": list(edges),
         "temperatures": {head: 1.0 for head in labels.HEADS} | (temperatures or {}),
@@ -124,11 +129,11 @@ class FaceModel(PythonModel):
         """The network from the version's two files: JSON and tensors only (weights_only), so
         loading runs none of the version's code, whoever wrote the files."""
         self.meta = json.loads(meta.read_text())
-        found = self.meta.get("format", FORMAT)
-        if found != FORMAT:
+        found = self.meta.get("format", READS[0])
+        if found not in READS:
             raise ValueError(
-                f"model format {found!r}; this faceopt reads {FORMAT!r}: serve it with the "
-                "faceopt version that registered it, or retrain it with this one"
+                f"model format {found!r}; this faceopt reads {', '.join(READS)}: serve it with "
+                "the faceopt version that registered it, or retrain it with this one"
             )
         classes = {head: len(names) for head, names in self.meta["classes"].items()}
         self.net = network.build(self.meta["params"], classes)
@@ -144,7 +149,9 @@ class FaceModel(PythonModel):
             self.meta["input"]["mean"],
             self.meta["input"]["std"],
         )
-        logits = self.net(x)
+        logits = train.predict_logits(
+            self.net, x, flip_average=self.meta.get("flip_average", False)
+        )
         # Models from before calibration have no temperatures: plain softmax.
         temperatures = self.meta.get("temperatures", {})
         return {

@@ -132,6 +132,11 @@ ethnicity (White, Black, Asian, Indian, Other) and gender (male, female).
 - Tuned by study `{info["study"]}`, trial #{info["trial"]} (validation {info["metric"]} accuracy
   {info["trial_value"]:.4f}); retrained {info["epochs"]} epochs, best epoch {info["best_epoch"]},
   on {info["device"]} ({info["precision"]}).
+- Predictions average each face's logits with its mirror image's: {
+        "yes (it raised the validation score)"
+        if info.get("flip_average")
+        else "no (it did not raise the validation score)"
+    }.
 
 ## Hyperparameters
 {params}

@@ -287,23 +287,36 @@ def train_epoch(
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, x: torch.Tensor, precision: Precision = FP32
+    model: nn.Module, x: torch.Tensor, precision: Precision = FP32, flip_average: bool = False
 ) -> dict[str, torch.Tensor]:
-    """fp32 logits per head, computed in chunks so a large set fits in memory."""
+    """fp32 logits per head, computed in chunks so a large set fits in memory. With
+    flip_average, the mean of the logits of each face and of its mirror image."""
     model.eval()
     with precision.autocast(x.device):
         chunks = [model(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+        if flip_average:
+            mirrored = [model(x[i : i + EVAL_BATCH].flip(-1)) for i in range(0, len(x), EVAL_BATCH)]
+            chunks = [
+                {head: (a[head].float() + b[head].float()) / 2 for head in a}
+                for a, b in zip(chunks, mirrored, strict=True)
+            ]
     return {head: torch.cat([c[head] for c in chunks]).float() for head in chunks[0]}
+
+
+def accuracies(logits: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Accuracy of each head and their mean, keyed as metric_key names them (val_<head>_acc)."""
+    scores = {
+        metric_key(head): (logits[head].argmax(1) == y[head]).float().mean().item()
+        for head in labels.HEADS
+    }
+    scores[metric_key("mean")] = sum(scores.values()) / len(labels.HEADS)
+    return scores
 
 
 def evaluate(model: nn.Module, data: Tensors, precision: Precision = FP32) -> dict[str, float]:
     """Validation loss and accuracy of each head, plus their mean accuracy."""
     logits = predict_logits(model, data.x, precision)
-    metrics = {"val_loss": multitask_loss(logits, data.y).item()}
-    for head in labels.HEADS:
-        metrics[f"val_{head}_acc"] = (logits[head].argmax(1) == data.y[head]).float().mean().item()
-    metrics["val_mean_acc"] = sum(metrics[f"val_{h}_acc"] for h in labels.HEADS) / len(labels.HEADS)
-    return metrics
+    return {"val_loss": multitask_loss(logits, data.y).item(), **accuracies(logits, data.y)}
 
 
 def metric_key(metric: str) -> str:
