@@ -168,3 +168,45 @@ def test_skopt_estimators_and_acquisitions(estimator: str) -> None:
     assert len(study.trials) == 8 and len(asked) == 7
     for t in asked:
         assert t.params == pytest.approx(t.system_attrs[PROPOSAL_ATTR])
+
+
+def test_flip_averaging_sees_a_face_and_its_mirror_alike(tmp_path) -> None:
+    """Averaged logits are the mean of the face's and its mirror's, so a face and its mirror get
+    the same answer; a faceopt/1 version (no flip_average) keeps plain logits."""
+    import json
+
+    import numpy as np
+
+    from pipeline.registry import pyfunc
+
+    torch.manual_seed(0)
+    params = extreme_params("cnn-cpu", False)
+    net = network.build(params, CLASSES).eval()
+    x = torch.rand(6, 1, 48, 48)
+    with torch.inference_mode():
+        averaged = train.predict_logits(net, x, flip_average=True)
+        mirrored = train.predict_logits(net, x.flip(-1), flip_average=True)
+        plain, flipped = net(x), net(x.flip(-1))
+    for head in averaged:
+        torch.testing.assert_close(averaged[head], (plain[head] + flipped[head]) / 2)
+        torch.testing.assert_close(mirrored[head], averaged[head], rtol=1e-5, atol=1e-5)
+
+    weights = tmp_path / "weights.pt"
+    torch.save(net.state_dict(), weights)
+    faces = np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8)
+    answers = {}
+    for name, meta in {
+        "flip": pyfunc.metadata(params, (0, 3, 18, 45, 64, 116), flip_average=True),
+        "v1": {  # what faceopt/1 wrote: no format, no flip_average
+            k: v
+            for k, v in pyfunc.metadata(params, (0, 3, 18, 45, 64, 116)).items()
+            if k not in ("format", "flip_average")
+        },
+    }.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+        model = pyfunc.FaceModel()
+        model.load(tmp_path / f"{name}.json", weights)
+        answers[name] = (model.probabilities(faces), model.probabilities(faces[:, :, ::-1]))
+    for head in labels.HEADS:
+        np.testing.assert_allclose(answers["flip"][0][head], answers["flip"][1][head], atol=1e-5)
+        assert not np.allclose(answers["v1"][0][head], answers["v1"][1][head], atol=1e-5)

@@ -49,6 +49,11 @@ def test_champion_then_challenger_then_fresh_process_predicts(
     assert "ethnicity: White, Black, Asian, Indian, Other" in model.description
     assert f"age {first['test_age_acc']:.1%}" in v1.description
     assert f"evaluation/model_card.md of run {first['run_id']}" in v1.description
+    # Flip averaging was decided on validation, both ways recorded, and went into the version.
+    run = client.get_run(first["run_id"]).data
+    assert {"val_mean_acc_plain", "val_mean_acc_flip_average"} <= set(run.metrics)
+    chosen = run.metrics["val_mean_acc_flip_average"] > run.metrics["val_mean_acc_plain"]
+    assert run.params["flip_average"] == str(chosen)
     # Both the study's parent run and the training run carry the data as a dataset input.
     faces, split = train_best.study_split(tuned, train_best.load_best(tuned)[0].user_attrs)
     parent = next(

@@ -145,7 +145,7 @@ class FaceModel(PythonModel):
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
         # The normalisation stored with the model, not today's constants.
         x = preprocess.to_model_input(
-            np.asarray(images, dtype=np.uint8),
+            np.ascontiguousarray(images, dtype=np.uint8),  # a view (a mirror, a crop) too
             self.meta["input"]["mean"],
             self.meta["input"]["std"],
         )
