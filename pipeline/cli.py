@@ -298,8 +298,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
+    # MLflow 3.17's UI opens a new browser on its GenAI view (traces); this link opens the runs.
     log.info(
-        "MLflow UI on http://%s:%s for %s", args.host, args.port, redact(settings.tracking_uri)
+        "MLflow UI for %s: http://%s:%s/#/experiments?workflowType=machine_learning",
+        redact(settings.tracking_uri),
+        args.host,
+        args.port,
     )
     os.execv(cmd[0], cmd)  # as mlflow-server: signals reach MLflow itself
 

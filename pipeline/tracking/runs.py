@@ -35,8 +35,8 @@ RUN_ID_ATTR = "mlflow_run_id"
 # Seconds since the epoch, stamped on a live invocation's parent run: a parent whose stamp stopped
 # belongs to a process that is gone (SIGKILL, power loss), on whichever host it ran.
 HEARTBEAT_TAG = "faceopt.heartbeat"
-# Makes the MLflow UI open an experiment on its runs table (model training), not on the GenAI
-# overview of traces it shows an experiment without the tag.
+# What kind of experiment this is, for MLflow UIs that choose their view by it (3.17's does not:
+# it follows its "workflowType", which `faceopt ui`'s link sets to machine_learning).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 STATUS = {
     optuna.trial.TrialState.COMPLETE: "FINISHED",

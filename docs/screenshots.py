@@ -1,0 +1,107 @@
+"""The README's screenshots, from a real browser (Debian's chromium) on real server processes:
+optuna-dashboard on a study, and the MLflow UI's experiment, train-best run, system metrics and
+registry pages, all on this folder's stores (FACEOPT_* settings as for any command).
+
+    .venv/bin/python -m docs.screenshots --study faceopt-cpu --model faceopt
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipeline import storage
+from pipeline.config import Settings
+from tests.conftest import free_port, server_process
+
+log = logging.getLogger(__name__)
+DOCS = Path(__file__).parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+]
+
+
+def shoot(page, url: str, selector: str, path: Path) -> None:
+    """Open `url`, wait until `selector` shows and the page is quiet, save a screenshot."""
+    page.goto(url)
+    page.locator(selector).first.wait_for(state="visible", timeout=60_000)
+    page.wait_for_timeout(3000)  # charts draw after their data arrives (MLflow polls: never idle)
+    page.screenshot(path=str(path))
+    log.info("wrote %s", path)
+
+
+def mlflow_pages(settings: Settings, study: str, model: str) -> list[tuple[str, str, str]]:
+    """(url path, what to wait for, file name) of the MLflow pages worth showing."""
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(study)
+    version = client.get_model_version_by_alias(model, "champion")
+    experiment_page = f"#/experiments/{experiment.experiment_id}"
+    run = f"{experiment_page}/runs/{version.run_id}"
+    ml = "?workflowType=machine_learning"  # what `faceopt ui`'s link opens: the runs, not GenAI
+    return [
+        (experiment_page + ml, "text=train-best", "mlflow-experiment.png"),
+        (run + ml, "text=age_gender.csv.gz", "mlflow-train-best-run.png"),
+        (f"{run}/system-metrics{ml}", "text=cpu_utilization", "mlflow-system-metrics.png"),
+        (f"#/models/{model}{ml}", "text=Age bracket", "mlflow-registered-model.png"),
+        (
+            f"#/models/{model}/versions/{version.version}{ml}",
+            "text=test split",
+            "mlflow-version.png",
+        ),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--study", required=True, help="the study and MLflow experiment to show")
+    parser.add_argument("--model", default="faceopt", help="the registered model to show")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from playwright.sync_api import sync_playwright
+
+    settings = Settings()
+    faceopt = [sys.executable, "-m", "pipeline.cli"]
+    study_id = storage.load_study(settings.storage, args.study, 10, 30)._study_id
+    ui_port, dashboard_port = free_port(), free_port()
+    ui, dashboard = f"http://127.0.0.1:{ui_port}", f"http://127.0.0.1:{dashboard_port}"
+    logs = DOCS / ".logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    with (
+        server_process([*faceopt, "ui", "--port", str(ui_port)], ui, env, logs / "ui.log"),
+        server_process(
+            [*faceopt, "dashboard", "--port", str(dashboard_port)],
+            f"{dashboard}/api/studies",
+            env,
+            logs / "dashboard.log",
+        ),
+        sync_playwright() as pw,
+    ):
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            shoot(
+                page,
+                f"{dashboard}/dashboard/studies/{study_id}",
+                ".js-plotly-plot",
+                DOCS / "optuna-dashboard.png",
+            )
+            for path, text, name in mlflow_pages(settings, args.study, args.model):
+                shoot(page, f"{ui}/{path}", text, DOCS / name)
+        finally:
+            browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
