@@ -2,7 +2,7 @@
 optuna-dashboard on a study, and the MLflow UI's experiment, train-best run, system metrics and
 registry pages, all on this folder's stores (FACEOPT_* settings as for any command).
 
-    .venv/bin/python -m docs.screenshots --study faceopt-cpu --model faceopt
+    .venv/bin/python -m docs.screenshots --study faceopt-cpu --dashboard-study dashboard-demo
 """
 
 from __future__ import annotations
@@ -65,13 +65,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--study", required=True, help="the study and MLflow experiment to show")
     parser.add_argument("--model", default="faceopt", help="the registered model to show")
+    parser.add_argument("--dashboard-study", help="the study optuna-dashboard shows (--study)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from playwright.sync_api import sync_playwright
 
     settings = Settings()
     faceopt = [sys.executable, "-m", "pipeline.cli"]
-    study_id = storage.load_study(settings.storage, args.study, 10, 30)._study_id
+    shown = args.dashboard_study or args.study
+    study_id = storage.load_study(settings.storage, shown, 10, 30)._study_id
     ui_port, dashboard_port = free_port(), free_port()
     ui, dashboard = f"http://127.0.0.1:{ui_port}", f"http://127.0.0.1:{dashboard_port}"
     logs = DOCS / ".logs"
