@@ -258,7 +258,8 @@ def report_run(settings: Settings, run_id: str | None = None) -> str:
     if run_id is None:
         experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
         run_id = runs.start_parent(client, experiment_id, settings.study, {"faceopt.report": "1"})
-    experiment_id = client.get_run(run_id).info.experiment_id
+    else:
+        experiment_id = client.get_run(run_id).info.experiment_id
     runs.reconcile(client, experiment_id, study, settings.heartbeat_interval, settings.grace_period)
     with runs.ended(client, run_id), runs.heartbeat(client, run_id, settings.heartbeat_interval):
         runs.log_summary(client, run_id, study, study.user_attrs.get("metric", settings.metric))

@@ -292,14 +292,16 @@ def predict_logits(
     """fp32 logits per head, computed in chunks so a large set fits in memory. With
     flip_average, the mean of the logits of each face and of its mirror image."""
     model.eval()
+
+    def forward(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model(chunk)
+        if not flip_average:
+            return out
+        mirrored = model(chunk.flip(-1))
+        return {head: (out[head].float() + mirrored[head].float()) / 2 for head in out}
+
     with precision.autocast(x.device):
-        chunks = [model(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
-        if flip_average:
-            mirrored = [model(x[i : i + EVAL_BATCH].flip(-1)) for i in range(0, len(x), EVAL_BATCH)]
-            chunks = [
-                {head: (a[head].float() + b[head].float()) / 2 for head in a}
-                for a, b in zip(chunks, mirrored, strict=True)
-            ]
+        chunks = [forward(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
     return {head: torch.cat([c[head] for c in chunks]).float() for head in chunks[0]}
 
 
