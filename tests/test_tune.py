@@ -297,3 +297,27 @@ def test_a_live_parent_run_keeps_its_heartbeat(settings: Settings) -> None:
         while client.get_run(run_id).data.tags[runs.HEARTBEAT_TAG] == "1000000000":
             assert time.time() < deadline, "no heartbeat within 10 s"
             time.sleep(0.05)
+
+
+def test_a_stale_trial_closes_its_run_even_without_the_run_id(settings: Settings) -> None:
+    """A worker killed between creating a trial's run and recording its id on the trial: the
+    heartbeat callback finds the run by its study and trial tags and closes it as FAILED."""
+    from pipeline.tracking import runs
+
+    study = optuna.create_study(storage=settings.storage, study_name=settings.study)
+    lost, other = study.ask(), study.ask()
+    client = runs.client_for(settings.tracking_uri)
+    exp = runs.ensure_experiment(client, settings.study, settings.artifact_root)
+    parent = runs.start_parent(client, exp, settings.study, {})
+    logger = runs.TrialLogger(client, exp, parent, {})
+    lost_run = logger.start(lost)
+    other_run = logger.start(other)
+    # What the killed worker had written: the run, but not yet the trial's link to it.
+    study._storage.set_trial_user_attr(lost._trial_id, runs.RUN_ID_ATTR, None)
+
+    frozen = study._storage.get_trial(lost._trial_id)
+    assert frozen.user_attrs[runs.RUN_ID_ATTR] is None
+    logger.stale(study, frozen)
+    assert client.get_run(lost_run).info.status == "FAILED"
+    assert client.get_run(lost_run).data.tags["state"] == "FAIL"
+    assert client.get_run(other_run).info.status == "RUNNING"

@@ -348,10 +348,18 @@ class TrialLogger:
 
     def stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A trial whose worker died (no heartbeat): close its run as FAILED, never RUNNING."""
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        # A worker killed between creating the run and recording its id left only the run's tags.
+        run_id = trial.user_attrs.get(RUN_ID_ATTR) or self._running_run_of(study, trial.number)
         if run_id is not None:
             tags = {"error": "its worker stopped sending heartbeats (killed?)", "state": "FAIL"}
             self._close(run_id, tags, "FAILED")
+
+    def _running_run_of(self, study: optuna.Study, number: int) -> str | None:
+        wanted = {"optuna.study": study.study_name, "optuna.trial_number": str(number)}
+        for run in _running(self.client, self.experiment_id):
+            if wanted.items() <= run.data.tags.items():
+                return run.info.run_id
+        return None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.states[trial.state] += 1
