@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -321,3 +322,24 @@ def test_a_stale_trial_closes_its_run_even_without_the_run_id(settings: Settings
     assert client.get_run(lost_run).info.status == "FAILED"
     assert client.get_run(lost_run).data.tags["state"] == "FAIL"
     assert client.get_run(other_run).info.status == "RUNNING"
+
+
+def test_plots_of_a_warm_started_study_print_no_library_warnings(tmp_path: Path, capfd) -> None:
+    """Params that one value filled (enqueued trials) make Optuna's contour plot warn per pair."""
+    from pipeline.tracking import report
+
+    study = optuna.create_study(direction="maximize")
+    for flip in (True, False, True):
+        study.enqueue_trial({"x": 1.0, "y": 2.0, "flip": flip})
+    study.optimize(
+        lambda t: (
+            t.suggest_float("x", 0, 2)
+            + t.suggest_float("y", 0, 3)
+            + t.suggest_categorical("flip", [True, False])
+        ),
+        n_trials=3,
+    )
+    capfd.readouterr()
+    assert report.write_plots(study, tmp_path, "mean accuracy")
+    assert "unique value length" not in capfd.readouterr().err
+    assert logging.getLogger("optuna.visualization").level == logging.NOTSET

@@ -80,12 +80,21 @@ def write_plots(study: optuna.Study, out_dir: Path, target_name: str) -> list[Pa
     matplotlib.use("Agg")  # no display on servers; set here, not at import time
     out_dir.mkdir(parents=True, exist_ok=True)
     written, figures = [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", UserWarning)  # "few trials" notes from importance and axes
-        top = _top_params(study)
-        for name in PLOTS:
-            _one_plot(study, name, _plot_kwargs(name, target_name, top), out_dir, figures, written)
+    # The contour plot logs a warning per pair of params that one value filled (an enqueued or
+    # short study): notes about the plot, not about the user's run.
+    plot_log = logging.getLogger("optuna.visualization")
+    level = plot_log.level
+    plot_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)  # "few trials" notes from importance, axes
+            top = _top_params(study)
+            for name in PLOTS:
+                kwargs = _plot_kwargs(name, target_name, top)
+                _one_plot(study, name, kwargs, out_dir, figures, written)
+    finally:
+        plot_log.setLevel(level)
     if figures:
         html = out_dir / "study_plots.html"
         parts = [
