@@ -343,3 +343,19 @@ def test_plots_of_a_warm_started_study_print_no_library_warnings(tmp_path: Path,
     assert report.write_plots(study, tmp_path, "mean accuracy")
     assert "unique value length" not in capfd.readouterr().err
     assert logging.getLogger("optuna.visualization").level == logging.NOTSET
+
+
+def test_a_run_shorter_than_the_sampling_interval_still_gets_system_metrics(
+    settings: Settings,
+) -> None:
+    """MLflow's monitor logs after a full interval; a quick train-best must not end up without."""
+    from pipeline.tracking import runs
+
+    client = runs.client_for(settings.tracking_uri)
+    exp = runs.ensure_experiment(client, settings.study, settings.artifact_root)
+    run_id = client.create_run(exp).info.run_id
+    with runs.system_metrics(settings.tracking_uri, run_id, interval=60):
+        pass
+    recorded = client.get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in recorded
+    assert "system/system_memory_usage_megabytes" in recorded

@@ -240,6 +240,13 @@ def system_metrics(tracking_uri: str, run_id: str, interval: float) -> Iterator[
         yield
     finally:
         monitor.finish()
+        # MLflow's monitor logs a sample only after a full interval: a shorter run would have
+        # none. Log what it collected, so every run has at least one point.
+        recorded = client_for(tracking_uri).get_run(run_id).data.metrics
+        if not any(key.startswith("system/") for key in recorded):
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
 
 
 @contextlib.contextmanager
