@@ -21,6 +21,7 @@ from pipeline.config import Settings
 from pipeline.data import dataset, faces, labels, preprocess
 from pipeline.errors import FaceoptError
 from pipeline.tracking import runs
+from pipeline.training import metrics
 
 SURROUNDS = ("blur", "mean")
 NO_ANSWER = -1  # the prediction recorded for a photo the service gives no labels for
@@ -121,6 +122,22 @@ def scores(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[st
     return out
 
 
+def intervals(
+    served: dict[str, np.ndarray], converted: dict[str, np.ndarray], truth: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """95% bootstrap intervals of each head's served accuracy and of its gap to the dataset's
+    conversion (paired: the same resampled photos for both)."""
+    per_photo = {}
+    for head in labels.HEADS:
+        right = served[head] == truth[head]
+        per_photo[f"{head}_acc"] = right
+        per_photo[f"{head}_gap"] = right.astype(np.int8) - (converted[head] == truth[head])
+    out = {}
+    for key, (low, high) in metrics.bootstrap(per_photo).items():
+        out[f"{key}_low"], out[f"{key}_high"] = low, high
+    return out
+
+
 def resolve(settings: Settings, version: str):
     """(registered version, its FaceModel) for an alias such as champion, or a version number."""
     client = runs.client_for(settings.tracking_uri)
@@ -154,7 +171,8 @@ def run(
     edges = tuple(model.meta["age_edges"])
     truth = photos.truth(edges)
     everyone = np.ones(len(photos.names), dtype=bool)
-    reference = scores(predict(model, dataset_faces(photos), everyone), truth)
+    converted = predict(model, dataset_faces(photos), everyone)
+    reference = scores(converted, truth)
     rows = []
     for context in contexts:
         raws = (
@@ -164,7 +182,8 @@ def run(
         cut = served_faces(raws, settings, f"context {context:g}")
         ms = 1000 * (time.perf_counter() - started) / len(raws)
         answered = np.array([f.answered for f in cut])  # a face was found
-        served = scores(predict(model, np.stack([f.pixels for f in cut]), answered), truth)
+        pred = predict(model, np.stack([f.pixels for f in cut]), answered)
+        served = scores(pred, truth) | intervals(pred, converted, truth)
         rows.append(
             {
                 "context": context,
@@ -194,7 +213,7 @@ def table(result: dict) -> str:
         f"{result['model']} v{result['version']} on {result['photos']} photos in "
         f"{result['folder']} (surroundings: {result['surround']}, min_face {result['min_face']})",
         "",
-        "| context | faces found | head | served acc | dataset acc | gap (points) "
+        "| context | faces found | head | served acc [95%] | dataset acc | gap (points) [95%] "
         "| served F1 | dataset F1 | preprocess ms/photo |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -202,9 +221,12 @@ def table(result: dict) -> str:
     for row in result["contexts"]:
         for head in labels.HEADS:
             served, dataset = row[f"served_{head}_acc"], ref[f"{head}_acc"]
+            low, high = (100 * row[f"served_{head}_acc_{end}"] for end in ("low", "high"))
+            gap_low, gap_high = (100 * row[f"served_{head}_gap_{end}"] for end in ("low", "high"))
             lines.append(
                 f"| {row['context']:g}x | {row['found']:.1%} | {head} "
-                f"| {served:.1%} | {dataset:.1%} | {100 * (served - dataset):+.1f} "
+                f"| {served:.1%} [{low:.1f}, {high:.1f}] | {dataset:.1%} "
+                f"| {100 * (served - dataset):+.1f} [{gap_low:+.1f}, {gap_high:+.1f}] "
                 f"| {row[f'served_{head}_f1']:.3f} | {ref[f'{head}_f1']:.3f} "
                 f"| {row['preprocess_ms']:.1f} |"
             )
@@ -214,16 +236,16 @@ def table(result: dict) -> str:
 def log_result(settings: Settings, result: dict) -> None:
     """Metrics (photos_<context>x_<head>_acc, ...) and the table on the version's training run."""
     client = runs.client_for(settings.tracking_uri)
-    metrics = {f"photos_dataset_{k}": v for k, v in result["dataset"].items()}
+    logged = {f"photos_dataset_{k}": v for k, v in result["dataset"].items()}
     for row in result["contexts"]:
         prefix = f"photos_{row['context']:g}x"
-        metrics |= {
+        logged |= {
             f"{prefix}_{k.removeprefix('served_')}": v for k, v in row.items() if k != "context"
         }
     stamp = int(time.time() * 1000)
     client.log_batch(
         result["run_id"],
-        metrics=[mlflow.entities.Metric(k, v, stamp, 0) for k, v in metrics.items()],
+        metrics=[mlflow.entities.Metric(k, v, stamp, 0) for k, v in logged.items()],
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = (

@@ -45,12 +45,27 @@ def test_no_answer_counts_as_wrong() -> None:
     assert evaluate.scores(pred, truth)["gender_acc"] == 0.5
 
 
+def test_intervals_of_the_accuracy_and_the_paired_gap() -> None:
+    """The gap's interval pairs each photo's two answers: one right both ways is no gap."""
+    truth = {h: np.array([0, 1] * 50) for h in ("age", "ethnicity", "gender")}
+    served = {h: t.copy() for h, t in truth.items()}
+    served["gender"][:10] = 1 - served["gender"][:10]  # 90% right
+    converted = {h: t.copy() for h, t in served.items()}  # the same answers: no gap at all
+    converted["age"] = 1 - truth["age"]  # every one wrong: the gap is +100 points exactly
+    found = evaluate.intervals(served, converted, truth)
+    assert found["gender_gap_low"] == found["gender_gap_high"] == 0
+    assert found["age_gap_low"] == found["age_gap_high"] == 1
+    assert found["age_acc_low"] == found["age_acc_high"] == 1
+    assert 0.8 < found["gender_acc_low"] < 0.9 < found["gender_acc_high"] < 0.97
+
+
 def test_evaluate_table_and_mlflow(registered: Settings, photos: Path, capsys) -> None:
     result = evaluate.run(registered, photos, "champion", (1, 2))
     assert [row["context"] for row in result["contexts"]] == [1, 2]
     assert result["photos"] == 4 and result["version"] == "1"
     for row in result["contexts"]:
         assert 0 <= row["served_age_acc"] <= 1 and 0 <= row["found"] <= 1
+        assert row["served_age_acc_low"] <= row["served_age_acc"] <= row["served_age_acc_high"]
     text = evaluate.table(result)
     assert text.count("| 2x |") == 3 and "dataset acc" in text
     run = MlflowClient(registered.tracking_uri).get_run(result["run_id"])

@@ -25,19 +25,31 @@ def head_metrics(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> d
     return metrics
 
 
-def bootstrap_intervals(
-    pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], seed: int = 0, level: float = 0.95
-) -> dict[str, float]:
-    """test_<head>_acc_low / _high: a percentile bootstrap interval of each head's accuracy
-    (the same resampled rows for every head)."""
-    n = len(truth[labels.HEADS[0]])
+def bootstrap(
+    values: dict[str, np.ndarray], seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """A percentile bootstrap interval of the mean of each per-row array (1 = right, or a paired
+    difference), the same resampled rows for every array."""
+    n = len(next(iter(values.values())))
     rows = np.random.default_rng(seed).integers(0, n, (BOOTSTRAP, n), dtype=np.int32)
     tail = (1 - level) / 2 * 100
     out = {}
-    for head in labels.HEADS:
-        means = (pred[head] == truth[head])[rows].mean(axis=1)
-        low, high = np.percentile(means, [tail, 100 - tail])
-        out[f"test_{head}_acc_low"], out[f"test_{head}_acc_high"] = float(low), float(high)
+    for key, per_row in values.items():
+        low, high = np.percentile(
+            np.asarray(per_row, dtype=np.float64)[rows].mean(axis=1), [tail, 100 - tail]
+        )
+        out[key] = (float(low), float(high))
+    return out
+
+
+def bootstrap_intervals(
+    pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """test_<head>_acc_low / _high: the bootstrap interval of each head's accuracy."""
+    found = bootstrap({h: pred[h] == truth[h] for h in labels.HEADS}, seed, level)
+    out = {}
+    for head, (low, high) in found.items():
+        out[f"test_{head}_acc_low"], out[f"test_{head}_acc_high"] = low, high
     return out
 
 
