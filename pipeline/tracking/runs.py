@@ -18,6 +18,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -295,9 +296,11 @@ class TrialLogger:
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.tags = tags
-        # Epoch metrics are logged asynchronously so training never waits on the store; a run's
-        # pending writes are awaited before it is closed.
-        self._pending: dict[str, list] = {}
+        # Epoch metrics are written by one thread of ours so training never waits on the store;
+        # a run's pending writes are awaited before it is closed. (MLflow's own asynchronous
+        # logging costs a second at every run's end: its queue polls with a one-second timeout.)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epochs")
+        self._pending: dict[str, list[Future]] = {}
         # What this process's trials came to, so an invocation whose every trial failed says so.
         self.states: Counter[optuna.trial.TrialState] = Counter()
         self.first_error: str | None = None
@@ -331,12 +334,12 @@ class TrialLogger:
     def _log_async(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        future = self.client.log_batch(run_id, metrics=batch, synchronous=False)
+        future = self._writer.submit(self.client.log_batch, run_id, metrics=batch)
         self._pending.setdefault(run_id, []).append(future)
 
     def _close(self, run_id: str, tags: dict, status: str) -> None:
         for future in self._pending.pop(run_id, []):
-            future.wait()
+            future.result()
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if status:
             self.client.set_terminated(run_id, status=status)
@@ -374,5 +377,5 @@ class TrialLogger:
         if run_id is None:  # the trial failed before its run was created
             return
         for future in self._pending.pop(run_id, []):
-            future.wait()
+            future.result()
         close_trial_run(self.client, run_id, trial)
