@@ -5,6 +5,8 @@ PYTHON ?= python3
 # The CPU wheel on our machines; on a CUDA box use e.g. TORCH="torch==2.13.0" with the CUDA index.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# pytest-xdist processes for `make test`: one per core (0 runs the tests in this process).
+TEST_WORKERS ?= auto
 FACEOPT := $(BIN)/faceopt
 
 # Each variable becomes its flag only when set, so FACEOPT_* environment settings still apply.
@@ -80,11 +82,11 @@ dashboard: setup ## optuna-dashboard on the study storage: live history, importa
 ui: setup ## open the MLflow UI on the tracking store (HOST, PORT)
 	$(FACEOPT) ui --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)
 
-test: setup ## run the tests (real-data tests use ../shared/data when present)
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: setup ## run the tests (real-data tests use ../shared/data when present; TEST_WORKERS=auto)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: setup ## the edit-test loop: the tests not marked slow or integration
-	$(BIN)/pytest -m "not slow and not integration" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow and not integration" $(PYTEST_ARGS)
 
 lint: setup ## ruff check and format check
 	$(BIN)/ruff check pipeline serving tests bench

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # every this many seconds on train-best runs, and on tuning parent runs if tune_system_metrics.
     system_metrics_interval: float = Field(10.0, gt=0)
     tune_system_metrics: bool = False
+    # The study's plots (history, importances, slices, ...) on the tuning parent run at its end;
+    # off, `faceopt report` makes them later, once, for a study many invocations share.
+    study_plots: bool = True
 
     # serving
     host: str = "127.0.0.1"

@@ -60,7 +60,14 @@ def run_workers(settings: Settings) -> dict:
     )
     _log_setup(client, parent, settings, attrs, split)
     # On Ctrl-C the workers got the same signal and close their own trials.
-    with runs.parent_run(client, parent, study, settings.metric, settings.heartbeat_interval):
+    with runs.parent_run(
+        client,
+        parent,
+        study,
+        settings.metric,
+        settings.heartbeat_interval,
+        plots=lambda: settings.study_plots,
+    ):
         cmd = [sys.executable, "-m", __name__, parent, str(until)]  # worker_main, below
         codes = workers.spawn(settings, cmd, until, study)
         if any(codes):
@@ -125,6 +132,8 @@ def run_worker(
     objective = make_objective(settings, train_set, val_set, logger, precision)
 
     def last() -> bool:  # plots once, by whichever worker finishes last
+        if not settings.study_plots:
+            return False
         return until is None or not workers.counts(study)[optuna.trial.TrialState.RUNNING]
 
     lifecycle = (

@@ -19,6 +19,11 @@ from PIL import Image
 
 from pipeline.config import Settings
 
+# Under pytest-xdist every worker trains networks: share the cores instead of each worker (and
+# each process it starts) taking all of them. Set before torch is first imported.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_CSV = REAL_DATA / "age_gender.csv.gz"
 
@@ -104,6 +109,7 @@ def make_settings(tmp: Path, data: Path) -> Settings:
         epochs=2,
         sampler="random",
         pruner="none",
+        study_plots=False,  # seconds of matplotlib per study; the tests that check plots ask
     )
 
 
@@ -119,9 +125,10 @@ def real_csv() -> Path:
     return REAL_CSV
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def registered(tmp_path_factory) -> Settings:
-    """A tmp MLflow store with one champion (version 1) trained on synthetic faces."""
+    """A tmp MLflow store with one champion (version 1) trained on synthetic faces, shared by the
+    session: a test that registers versions or moves the alias puts `champion` back on 1."""
     from pipeline import train_best, tune
 
     tmp = tmp_path_factory.mktemp("registry")

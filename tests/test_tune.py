@@ -44,7 +44,7 @@ def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> 
         return real_fit(net, params, *args, **kwargs)
 
     monkeypatch.setattr(train, "fit", fit_failing_trial_two)
-    summary = tune.run(settings.model_copy(update={"n_trials": 4}))
+    summary = tune.run(settings.model_copy(update={"n_trials": 4, "study_plots": True}))
     assert (summary["trials"], summary["complete"], summary["pruned"], summary["fail"]) == (
         4,
         2,
@@ -103,8 +103,11 @@ def test_second_run_resumes_the_study(settings: Settings) -> None:
     study = optuna.load_study(study_name=settings.study, storage=settings.storage)
     params = [t.params for t in study.trials]
     assert params[2] != params[0] and params[3] != params[1]  # no replay of the first draws
-    _, parents, children = child_runs(settings)
+    client, parents, children = child_runs(settings)
     assert len(parents) == 2 and len(children) == 4
+    for parent_id in parents:  # study_plots off: the summary, no plots
+        artifacts = {a.path for a in client.list_artifacts(parent_id)}
+        assert "summary.json" in artifacts and "plots" not in artifacts
 
 
 def test_study_with_other_data_is_refused(settings: Settings, tmp_path: Path) -> None:
