@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +17,35 @@ from pipeline.config import Settings
 from pipeline.registry import champion
 from pipeline.training import train
 from pipeline.tuning.study import StudyMismatch
+from tests.conftest import make_settings, synthetic_faces, write_csv
 
 
-@pytest.fixture
-def tuned(settings: Settings) -> Settings:
-    """A 3-trial study on synthetic faces; train-best settings kept short."""
+@pytest.fixture(scope="module")
+def tuned_once(tmp_path_factory) -> Settings:
+    """A 3-trial study on synthetic faces, tuned once for the module."""
+    tmp = tmp_path_factory.mktemp("tuned")
+    settings = make_settings(tmp, write_csv(synthetic_faces(240), tmp / "age_gender.csv"))
     tune.run(
         settings.model_copy(update={"tune_system_metrics": True, "system_metrics_interval": 1})
     )
-    return settings.model_copy(
+    return settings
+
+
+@pytest.fixture
+def tuned(tuned_once: Settings, tmp_path: Path) -> Settings:
+    """Each test's own copy of that study's Optuna and MLflow databases (SQLite's backup, which
+    includes what is still in the WAL); new artifacts go under their own run ids in the module's
+    artifact folder. Train-best settings kept short."""
+    stores = {}
+    for field in ("storage", "tracking_uri"):
+        source = getattr(tuned_once, field).removeprefix("sqlite:///")
+        copy = tmp_path / Path(source).name
+        with sqlite3.connect(source) as src, sqlite3.connect(copy) as dst:
+            src.backup(dst)
+        stores[field] = f"sqlite:///{copy}"
+    return tuned_once.model_copy(
         update={
+            **stores,
             "train_epochs": 6,
             "patience": 3,
             "model_name": "faces",
