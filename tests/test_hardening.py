@@ -16,13 +16,21 @@ from pipeline.config import Settings
 from serving import decode
 from serving.app import create_app
 from serving.guard import host_name
-from tests.conftest import LOCAL, make_settings, synthetic_faces, write_csv
+from tests.conftest import (
+    LOCAL,
+    copy_sqlite,
+    empty_mlflow_store,
+    make_settings,
+    synthetic_faces,
+    write_csv,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64  # never decoded: every request here is refused first
 
 
 def service(tmp_path: Path, **update) -> TestClient:
     """The app on an empty registry: enough for everything refused before a model is needed."""
+    copy_sqlite(empty_mlflow_store(), tmp_path / "mlflow.db")
     settings = Settings(
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "mlruns"
     ).model_copy(update=update)

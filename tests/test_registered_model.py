@@ -55,6 +55,7 @@ def artifact(settings: Settings) -> Path:
     return Path(mlflow.artifacts.download_artifacts("models:/faces/1"))
 
 
+@pytest.mark.slow  # real processes: make test, not the edit loop
 def test_version_predicts_the_same_after_the_project_code_changes(
     registered: Settings, tmp_path: Path
 ) -> None:
@@ -84,6 +85,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow  # real processes: make test, not the edit loop
 def test_requirements_name_every_package_the_model_code_imports(registered: Settings) -> None:
     local = artifact(registered)
     # Which of the version's own modules run when MLflow loads it, asked of a fresh interpreter.
@@ -128,7 +130,9 @@ def test_fresh_environment_from_the_requirements_loads_and_predicts(
     python = str(env_dir / "bin" / "python")
     requirements = artifact(registered) / "requirements.txt"
     install = subprocess.run(
-        [python, "-m", "pip", "install", "-q", "-r", str(requirements)],
+        # --no-compile: bytecode for every installed file (torch has thousands) is most of the
+        # wait; Python compiles what the prediction imports as it imports it.
+        [python, "-m", "pip", "install", "-q", "--no-compile", "-r", str(requirements)],
         capture_output=True,
         text=True,
         timeout=1200,

@@ -41,6 +41,7 @@ def server(registered: Settings, tmp_path_factory):
         yield url
 
 
+@pytest.mark.slow  # real processes: make test, not the edit loop
 def test_several_worker_processes_serve_the_champion(registered: Settings, tmp_path) -> None:
     """--workers 2: two processes, each loaded with the champion the flags named, each with the
     reload token of the environment."""
@@ -70,6 +71,7 @@ def test_several_worker_processes_serve_the_champion(registered: Settings, tmp_p
             assert httpx.post(f"{url}/reload").status_code == 401
 
 
+@pytest.mark.slow  # real processes: make test, not the edit loop
 def test_a_body_that_never_arrives_gets_408(registered: Settings, tmp_path) -> None:
     """A client that declares a body and sends it too slowly (a slowloris) is answered 408 once
     FACEOPT_BODY_TIMEOUT has passed, and the connection is freed."""
@@ -171,6 +173,7 @@ def schemathesis(url: str, log: Path, *flags: str) -> None:
     assert " passed" in done.stdout and "failure" not in done.stdout
 
 
+@pytest.mark.slow  # real processes: make test, not the edit loop
 def test_schemathesis_finds_nothing(registered: Settings, tmp_path: Path) -> None:
     """/predict, /reload, /model, /ready, /health, with the reload token unset and set."""
     with running_server(registered, tmp_path / "open.log", "--model-name", "faces") as (url, _):

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pipeline.config import Settings
 from pipeline.registry import champion
 from pipeline.training import train
 from pipeline.tuning.study import StudyMismatch
-from tests.conftest import make_settings, synthetic_faces, write_csv
+from tests.conftest import copy_sqlite, make_settings, synthetic_faces, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +39,7 @@ def tuned(tuned_once: Settings, tmp_path: Path) -> Settings:
     for field in ("storage", "tracking_uri"):
         source = getattr(tuned_once, field).removeprefix("sqlite:///")
         copy = tmp_path / Path(source).name
-        with sqlite3.connect(source) as src, sqlite3.connect(copy) as dst:
-            src.backup(dst)
+        copy_sqlite(Path(source), copy)
         stores[field] = f"sqlite:///{copy}"
     return tuned_once.model_copy(
         update={
@@ -54,6 +52,7 @@ def tuned(tuned_once: Settings, tmp_path: Path) -> Settings:
     )
 
 
+@pytest.mark.slow  # real processes: make test, not the edit loop
 def test_champion_then_challenger_then_fresh_process_predicts(
     tuned: Settings, monkeypatch, tmp_path: Path
 ) -> None:

@@ -127,7 +127,8 @@ def test_parallel_threads_log_every_trial(settings: Settings) -> None:
     assert len({r.data.tags["optuna.trial_number"] for r in children}) == 4
 
 
-def test_cli_tune_prints_the_summary(settings: Settings, capsys) -> None:
+def test_cli_tune_prints_the_summary(settings: Settings, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("FACEOPT_STUDY_PLOTS", "false")  # settings from the environment apply too
     code = cli.main(
         [
             "tune",
@@ -152,6 +153,8 @@ def test_cli_tune_prints_the_summary(settings: Settings, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0
     assert "Number of finished trials: 2" in out and "Best trial: #" in out
+    client, parents, _ = child_runs(settings.model_copy(update={"study": "cli"}))
+    assert "plots" not in {a.path for a in client.list_artifacts(next(iter(parents)))}
 
 
 def test_a_timed_study_shows_time_left_not_trials(settings: Settings, capsys) -> None:
