@@ -17,7 +17,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 	$(call flag,EPOCHS,epochs) $(call flag,SPACE,space) $(call flag,METRIC,metric) \
 	$(call flag,SAMPLER,sampler) $(call flag,SAMPLER_ARGS,sampler-args) \
 	$(call flag,PRUNER,pruner) $(call flag,N_JOBS,n-jobs) $(call flag,WORKERS,workers) \
-	$(call flag,PRECISION,precision) \
+	$(call flag,PRECISION,precision) $(call flag,ENQUEUE,enqueue) \
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
 
 # A variable, because a comma inside $(or ...) would split its arguments.
@@ -28,7 +28,7 @@ ALL_SAMPLERS := random,tpe,skopt,gp
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
-	@echo "  variables: PRESET(cpu|gpu) DATA STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION"
+	@echo "  variables: PRESET(cpu|gpu) DATA STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION ENQUEUE"
 
 setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
 

@@ -48,6 +48,11 @@ TUNE = {
         '\'{"base_estimator": "ET", "acq_func_kwargs": {"xi": 0.02}}\'',
     ),
     "--pruner": ("pruner", str, "median, hyperband, successive-halving, percentile or none"),
+    "--enqueue": (
+        "enqueue",
+        Path,
+        "JSON file of trial params (an object or a list) to try first, e.g. recipes/cpu.json",
+    ),
     "--n-jobs": ("n_jobs", int, "trials in parallel threads within this process"),
     "--workers": ("workers", str, "worker processes on the study (auto: one per GPU)"),
 }

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     metric: Metric = "age"
     sampler: SamplerName = "tpe"
     sampler_args: dict = Field(default_factory=dict)
+    # A JSON file of trial params (an object, or a list of them) the study tries before its
+    # sampler's own: a known good recipe. A point the study already has is not queued again.
+    enqueue: Path | None = None
     pruner: PrunerName = "median"
     n_jobs: int = Field(1, ge=1)
     workers: int | Literal["auto"] = 1  # processes on one study; auto: one per GPU

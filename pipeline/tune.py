@@ -24,7 +24,7 @@ from pipeline.tracking import report, runs
 from pipeline.training import train
 from pipeline.tuning import workers
 from pipeline.tuning.objective import catch_sigint, make_objective
-from pipeline.tuning.study import load_data, open_study, versions
+from pipeline.tuning.study import load_data, open_study, read_enqueue, versions
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class TrialsFailed(FaceoptError):
 
 def run(settings: Settings) -> dict:
     """Add settings.n_trials trials to the study, in this process or in settings.workers processes."""
+    if settings.enqueue:  # a bad file fails now, not after the data is decoded
+        read_enqueue(settings.enqueue, settings.space)
     if settings.workers != 1:
         return run_workers(settings)
     return run_worker(settings)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -365,3 +366,54 @@ def test_a_run_shorter_than_the_sampling_interval_still_gets_system_metrics(
     recorded = client.get_run(run_id).data.metrics
     assert "system/cpu_utilization_percentage" in recorded
     assert "system/system_memory_usage_megabytes" in recorded
+
+
+MLP_POINT = {
+    "num_fc_layers": 4,
+    **{f"fc_output_feat_{i}": 16 for i in range(4)},
+    **{f"fc_dropout_{i}": 0.1 for i in range(4)},
+    "last_fc": 16,
+    "optimizer": "Adam",
+    "lr": 1e-3,
+    "batch_size": 64,
+}
+
+
+def test_enqueued_points_are_tried_first_and_once(settings: Settings, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps([MLP_POINT, MLP_POINT | {"lr": 3e-3}]))
+    warm = settings.model_copy(update={"enqueue": recipe, "n_trials": 3})
+    tune.run(warm)
+    study = optuna.load_study(study_name=settings.study, storage=settings.storage)
+    assert [t.params["lr"] for t in study.trials[:2]] == [1e-3, 3e-3]
+    assert study.trials[0].params == MLP_POINT
+    tune.run(warm.model_copy(update={"n_trials": 1}))  # the same file again: nothing re-queued
+    study = optuna.load_study(study_name=settings.study, storage=settings.storage)
+    assert len(study.trials) == 4 and study.trials[3].params["lr"] not in (1e-3, 3e-3)
+
+
+def test_enqueue_errors_name_the_file_and_what_is_wrong(
+    tmp_path: Path, faces_csv: Path, capsys
+) -> None:
+    from pipeline.tuning.study import EnqueueError, read_enqueue
+
+    bad = tmp_path / "bad.json"
+    cases = {
+        "cannot read it": None,
+        "not JSON": "{width: 32",
+        "expected a JSON object of trial params": "[1, 2]",
+        "point 1 is not one of space 'mlp'": json.dumps([MLP_POINT, {"lr": 0.1}]),
+    }
+    for message, text in cases.items():
+        if text is None:
+            bad.unlink(missing_ok=True)
+        else:
+            bad.write_text(text)
+        with pytest.raises(EnqueueError, match=message) as found:
+            read_enqueue(bad, "mlp")
+        assert str(bad) in str(found.value)
+    # The CPU preset's recipe is a point of its space.
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "cpu.json"
+    assert [p["flip"] for p in read_enqueue(recipe, "cnn-cpu")] == [True, False]
+    assert cli.main(["tune", "--enqueue", str(bad), "--data", str(faces_csv)]) == 2
+    assert "bad.json: point 1 is not one of space" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from importlib import metadata
+from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage
@@ -12,6 +14,7 @@ from pipeline import storage
 from pipeline.config import Settings
 from pipeline.data import dataset
 from pipeline.errors import FaceoptError
+from pipeline.model import space
 from pipeline.tuning import samplers
 
 # Recorded on the study when it is created; a later run on the same study must agree, so that
@@ -23,6 +26,10 @@ LIBRARIES = ("torch", "optuna", "mlflow", "numpy", "scikit-optimize", "madgrad",
 
 class StudyMismatch(FaceoptError, ValueError):
     """The named study was created with other data, split, space or metric."""
+
+
+class EnqueueError(FaceoptError, ValueError):
+    """The file of params to try first cannot be read, or its points are not of the space."""
 
 
 def study_attrs(settings: Settings, faces: dataset.FaceSet, split: dataset.Split) -> dict:
@@ -64,15 +71,37 @@ def open_study(
     if not recorded:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
-        return study
     for key in STUDY_ATTRS:
-        if recorded.get(key) != attrs[key]:
+        if recorded and recorded.get(key) != attrs[key]:
             raise StudyMismatch(
                 f"study {settings.study!r} in {storage.redact(settings.storage)} was created with {key}="
                 f"{recorded.get(key)!r}, this run has {attrs[key]!r}; use the same settings "
                 "to add trials to it, or a new STUDY name"
             )
+    if settings.enqueue:
+        for params in read_enqueue(settings.enqueue, settings.space):
+            study.enqueue_trial(params, skip_if_exists=True)
     return study
+
+
+def read_enqueue(path: Path, space_name: str) -> list[dict]:
+    """Trial params to try first, from a JSON object or list of objects; each must be a complete
+    point of the space (what the space would ask for, its conditional params included)."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise EnqueueError(f"{path}: cannot read it ({e.strerror})") from e
+    except json.JSONDecodeError as e:
+        raise EnqueueError(f"{path}: not JSON ({e})") from e
+    points = [found] if isinstance(found, dict) else found
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise EnqueueError(f"{path}: expected a JSON object of trial params, or a list of them")
+    for i, params in enumerate(points):
+        try:
+            space.suggest(optuna.trial.FixedTrial(params), space_name)
+        except ValueError as e:  # FixedTrial's "parameter 'lr' is not contained in the trial"
+            raise EnqueueError(f"{path}: point {i} is not one of space {space_name!r}: {e}") from e
+    return points
 
 
 def load_data(settings: Settings) -> tuple[dataset.FaceSet, dataset.Split, dict]:
