@@ -9,17 +9,26 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import optuna
 from pydantic import ValidationError
 
+from pipeline import config
 from pipeline.config import Settings
 from pipeline.errors import FaceoptError
 
 log = logging.getLogger("faceopt")
 
 KAGGLE_DATASET = "nipunarora8/age-gender-and-ethnicity-face-data-csv"
+
+
+def _names(choices) -> str:
+    """'a, b or c' from a Literal of the settings, so the help lists what the settings take."""
+    *first, last = typing.get_args(choices)
+    return f"{', '.join(first)} or {last}"
+
 
 # flag -> settings field, for the flags every study command shares
 COMMON = {
@@ -38,16 +47,16 @@ TUNE = {
     "--n-trials": ("n_trials", int, "trials to add to the study"),
     "--timeout": ("timeout", float, "stop starting trials after this many seconds"),
     "--epochs": ("epochs", int, "epochs per trial"),
-    "--space": ("space", str, "search space: mlp, cnn (full) or cnn-cpu"),
-    "--metric": ("metric", str, "validation accuracy to maximise: age, ethnicity, gender, mean"),
-    "--sampler": ("sampler", str, "tpe, random, skopt, gp, cmaes or qmc"),
+    "--space": ("space", str, f"search space: {_names(config.SpaceName)}"),
+    "--metric": ("metric", str, f"validation accuracy to maximise: {_names(config.Metric)}"),
+    "--sampler": ("sampler", str, _names(config.SamplerName)),
     "--sampler-args": (
         "sampler_args",
         json.loads,
         "JSON of sampler arguments, e.g. "
         '\'{"base_estimator": "ET", "acq_func_kwargs": {"xi": 0.02}}\'',
     ),
-    "--pruner": ("pruner", str, "median, hyperband, successive-halving, percentile or none"),
+    "--pruner": ("pruner", str, _names(config.PrunerName)),
     "--enqueue": (
         "enqueue",
         Path,
@@ -59,7 +68,7 @@ TUNE = {
 
 # flags of every command that trains
 TRAINING = {
-    "--precision": ("precision", str, "auto, fp32, bf16 or fp16: training's autocast precision"),
+    "--precision": ("precision", str, f"{_names(config.PrecisionName)}: training's precision"),
 }
 TRAIN_BEST = {
     "--epochs": ("train_epochs", int, "most epochs to train (early stopping may end sooner)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -67,3 +68,21 @@ def test_other_age_brackets_end_to_end(settings: Settings) -> None:
     # A study keeps its brackets: resuming it with others is refused.
     with pytest.raises(StudyMismatch, match="was created with"):
         tune.run(settings.model_copy(update={"n_trials": 1}))
+
+
+def test_every_name_the_settings_take_is_built_by_its_factory() -> None:
+    """Sampler, pruner and space names are checked by the settings and built by the factories:
+    the two lists are one."""
+    import typing
+
+    from pipeline import config
+    from pipeline.model import space
+    from pipeline.tuning import samplers
+
+    assert set(typing.get_args(config.SamplerName)) == set(samplers.SAMPLERS)
+    assert set(typing.get_args(config.PrunerName)) == set(samplers.PRUNERS)
+    assert set(typing.get_args(config.SpaceName)) == set(space.SPACES)
+    for name in samplers.SAMPLERS:
+        assert isinstance(samplers.make_sampler(name, 0), optuna.samplers.BaseSampler)
+    for name in samplers.PRUNERS:
+        assert isinstance(samplers.make_pruner(name, 6), optuna.pruners.BasePruner)

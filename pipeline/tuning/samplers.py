@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -192,44 +192,49 @@ def _jsonable(params: dict) -> dict:
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in params.items()}
 
 
+# Each factory takes the seed and the sampler's own arguments. The names are config.SamplerName's
+# (a test holds them equal), so settings are checked before anything is built.
+SAMPLERS: dict[str, Callable[..., BaseSampler]] = {
+    # constant_liar keeps parallel workers from proposing the same point.
+    "tpe": lambda seed, **kw: optuna.samplers.TPESampler(seed=seed, constant_liar=True, **kw),
+    "random": lambda seed, **kw: optuna.samplers.RandomSampler(seed=seed, **kw),
+    "skopt": lambda seed, **kw: SkoptSampler(seed=seed, **kw),
+    # The per-layer params are conditional: GP samples them independently, by design.
+    "gp": lambda seed, **kw: optuna.samplers.GPSampler(
+        seed=seed, warn_independent_sampling=False, **kw
+    ),
+    "cmaes": lambda seed, **kw: optuna.samplers.CmaEsSampler(
+        seed=seed, warn_independent_sampling=False, **kw
+    ),
+    "qmc": lambda seed, **kw: optuna.samplers.QMCSampler(
+        seed=seed, warn_independent_sampling=False, **kw
+    ),
+}
+# Each factory takes the trial's epochs; the names are config.PrunerName's.
+PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    # Let a few trials finish and every trial train two epochs before judging it.
+    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs),
+    "successive-halving": lambda epochs: optuna.pruners.SuccessiveHalvingPruner(),
+    "percentile": lambda epochs: optuna.pruners.PercentilePruner(
+        25.0, n_startup_trials=5, n_warmup_steps=2
+    ),
+    "none": lambda epochs: optuna.pruners.NopPruner(),
+}
+
+
 def make_sampler(name: str, seed: int | None, **kwargs: Any) -> BaseSampler:
-    """A sampler by name: tpe, random, skopt, gp, cmaes, qmc; kwargs go to its constructor."""
-    factories = {
-        # constant_liar keeps parallel workers from proposing the same point.
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, constant_liar=True, **kwargs),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed, **kwargs),
-        "skopt": lambda: SkoptSampler(seed=seed, **kwargs),
-        # The per-layer params are conditional: GP samples them independently, by design.
-        "gp": lambda: optuna.samplers.GPSampler(
-            seed=seed, warn_independent_sampling=False, **kwargs
-        ),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(
-            seed=seed, warn_independent_sampling=False, **kwargs
-        ),
-        "qmc": lambda: optuna.samplers.QMCSampler(
-            seed=seed, warn_independent_sampling=False, **kwargs
-        ),
-    }
-    if name not in factories:
-        raise SettingError(f"unknown sampler {name!r}; expected one of {sorted(factories)}")
+    """A sampler by name (SAMPLERS); kwargs go to its constructor."""
+    if name not in SAMPLERS:
+        raise SettingError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
     try:
-        return factories[name]()
+        return SAMPLERS[name](seed, **kwargs)
     except TypeError as e:
         raise SettingError(f"bad sampler arguments for {name!r}: {kwargs} ({e})") from e
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """A pruner by name: median, hyperband, successive-halving, percentile, none."""
-    factories = {
-        # Let a few trials finish and every trial train two epochs before judging it.
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs),
-        "successive-halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-        "percentile": lambda: optuna.pruners.PercentilePruner(
-            25.0, n_startup_trials=5, n_warmup_steps=2
-        ),
-        "none": lambda: optuna.pruners.NopPruner(),
-    }
-    if name not in factories:
-        raise SettingError(f"unknown pruner {name!r}; expected one of {sorted(factories)}")
-    return factories[name]()
+    """A pruner by name (PRUNERS)."""
+    if name not in PRUNERS:
+        raise SettingError(f"unknown pruner {name!r}; expected one of {sorted(PRUNERS)}")
+    return PRUNERS[name](epochs)
