@@ -157,8 +157,6 @@ def test_study_without_completed_trial_is_a_clear_error(settings: Settings, caps
 
 
 def test_other_data_than_the_study_is_refused(tuned: Settings, tmp_path: Path) -> None:
-    from tests.conftest import synthetic_faces, write_csv
-
     other = write_csv(synthetic_faces(240, seed=5), tmp_path / "other.csv")
     with pytest.raises(train_best.TrainBestError, match="not the data study"):
         train_best.run(tuned.model_copy(update={"data": other}))
