@@ -89,8 +89,8 @@ test-fast: setup ## the edit-test loop: the tests not marked slow or integration
 	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow and not integration" $(PYTEST_ARGS)
 
 lint: setup ## ruff check and format check
-	$(BIN)/ruff check pipeline serving tests bench
-	$(BIN)/ruff format --check pipeline serving tests bench
+	$(BIN)/ruff check pipeline serving tests bench docs
+	$(BIN)/ruff format --check pipeline serving tests bench docs
 
 bench: setup ## benchmarks on the real data (DATA=...), table printed and saved under bench/results/
 	$(BIN)/python -m bench.run $(call flag,DATA,data)
