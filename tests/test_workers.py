@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import tune
 from pipeline.config import Settings
+from pipeline.tracking.runs import RUN_ID_ATTR
 from pipeline.tuning import workers
 from pipeline.tuning.study import load_data
 from tests.conftest import free_port, server_process, synthetic_faces, write_csv
@@ -165,7 +166,8 @@ def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
             study = optuna.load_study(study_name="interrupt", storage=slow.storage)
         except KeyError:
             return False
-        return bool(study.get_trials(states=[optuna.trial.TrialState.RUNNING]))
+        running = study.get_trials(states=[optuna.trial.TrialState.RUNNING])
+        return any(t.user_attrs.get(RUN_ID_ATTR) for t in running)  # its MLflow run is made
 
     wait_for(a_trial_runs, 120, "a running trial")
     time.sleep(1)
@@ -249,7 +251,13 @@ def test_mlflow_tells_the_truth_after_a_killed_tune(tmp_path: Path, settings: Se
         return study.get_trials(states=[state])
 
     complete, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
-    wait_for(lambda: trials(complete) and trials(running), 240, "a complete and a running trial")
+
+    def training() -> list:  # running, with its MLflow run made (and Optuna's first heartbeat)
+        return [t for t in trials(running) if t.user_attrs.get(RUN_ID_ATTR)]
+
+    # Killed before its first heartbeat, a trial would stay RUNNING in Optuna for good (stale
+    # trials are found by their heartbeats), with no MLflow run to judge: not this test's case.
+    wait_for(lambda: trials(complete) and training(), 240, "a complete and a training trial")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (victim,) = trials(running)
