@@ -68,16 +68,17 @@ def open_study(
         settings.sampler, settings.seed + len(study.trials) + salt, **settings.sampler_args
     )
     recorded = study.user_attrs
-    if not recorded:
+    if not recorded:  # a new study: record its setup
         for key, value in attrs.items():
             study.set_user_attr(key, value)
-    for key in STUDY_ATTRS:
-        if recorded and recorded.get(key) != attrs[key]:
-            raise StudyMismatch(
-                f"study {settings.study!r} in {storage.redact(settings.storage)} was created with {key}="
-                f"{recorded.get(key)!r}, this run has {attrs[key]!r}; use the same settings "
-                "to add trials to it, or a new STUDY name"
-            )
+    else:  # a resumed one: the setup must be the same
+        for key in STUDY_ATTRS:
+            if recorded.get(key) != attrs[key]:
+                raise StudyMismatch(
+                    f"study {settings.study!r} in {storage.redact(settings.storage)} was created "
+                    f"with {key}={recorded.get(key)!r}, this run has {attrs[key]!r}; use the same "
+                    "settings to add trials to it, or a new STUDY name"
+                )
     if settings.enqueue:
         for params in read_enqueue(settings.enqueue, settings.space):
             study.enqueue_trial(params, skip_if_exists=True)
