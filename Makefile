@@ -28,7 +28,7 @@ ALL_SAMPLERS := random,tpe,skopt,gp
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
-	@echo "  variables: PRESET(cpu|gpu) DATA STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION ENQUEUE"
+	@echo "  variables: PRESET(cpu|gpu) DATA STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS ENSEMBLE SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION ENQUEUE"
 
 setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
 
@@ -63,8 +63,9 @@ report: setup ## log the study's plots and summary to MLflow (after workers on s
 mlflow-server: setup ## MLflow tracking server: PostgreSQL backend store, served artifacts (HOST PORT)
 	$(FACEOPT) mlflow-server $(call flag,HOST,host) $(call flag,PORT,port)
 
-train-best: setup ## retrain the best trial, report on the test split, register (STUDY TRAIN_EPOCHS PROMOTE=1)
+train-best: setup ## retrain the best trial, report on the test split, register (STUDY TRAIN_EPOCHS ENSEMBLE PROMOTE=1)
 	$(FACEOPT) train-best $(STUDY_FLAGS) $(call flag,TRAIN_EPOCHS,epochs) $(call flag,PATIENCE,patience) \
+		$(call flag,ENSEMBLE,ensemble) \
 		$(call flag,MODEL_NAME,model-name) $(call flag,PRECISION,precision) $(if $(PROMOTE),--promote)
 
 evaluate: setup ## a version (VERSION=champion) on labelled photos through the service's crop (PHOTOS= CONTEXT=1,2,3)

@@ -73,6 +73,7 @@ TRAINING = {
 TRAIN_BEST = {
     "--epochs": ("train_epochs", int, "most epochs to train (early stopping may end sooner)"),
     "--patience": ("patience", int, "epochs without a better validation metric before stopping"),
+    "--ensemble": ("ensemble", int, "networks to train from successive seeds, served as one"),
     "--model-name": ("model_name", str, "registered model name (default faceopt)"),
 }
 
@@ -150,7 +151,8 @@ def cmd_train_best(args: argparse.Namespace) -> int:
         f"(run {result['run_id']}).\n"
         f"  Best trial #{result['trial']}: validation {result['trial_value']:.4f}\n"
         f"  Test accuracy: {heads}\n"
-        f"  {result['epochs']} epochs (best {result['best_epoch']}) on {result['device']} "
+        f"  {'/'.join(map(str, result['epochs']))} epochs (best "
+        f"{'/'.join(map(str, result['best_epoch']))}) on {result['device']} "
         f"({result['precision']}) in {result['wall_s']:.0f} s"
     )
     return 0

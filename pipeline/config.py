@@ -92,6 +92,9 @@ class Settings(BaseSettings):
 
     train_epochs: int = Field(50, ge=1)  # train-best: the most epochs; early stopping ends sooner
     patience: int = Field(5, ge=1)  # train-best: epochs without a better validation metric
+    # train-best: networks trained from seeds seed, seed + 1, ... and served as one (their mean
+    # logits); each costs one more training and one more forward pass per face.
+    ensemble: int = Field(1, ge=1, le=16)
     model_name: str = "faceopt"  # the registered model
     # MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one), sampled
     # every this many seconds on train-best runs, and on tuning parent runs if tune_system_metrics.

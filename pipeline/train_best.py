@@ -151,6 +151,7 @@ def fit_best(
     classes: dict[str, int],
     precision: train.Precision,
     log_scores: Callable[[dict[str, float], int], None],
+    desc: str = "train-best",
 ) -> tuple[torch.nn.Module, list[dict], int]:
     """Train up to train_epochs with early stopping on validation; returns the best epoch's weights.
 
@@ -160,7 +161,7 @@ def fit_best(
     net = network.build(params, classes).to(sets["train"].x.device)
     key = train.metric_key(metric)
     best = {"value": -1.0, "epoch": -1, "state": None}
-    bar = tqdm(total=settings.train_epochs, desc="train-best", unit="epoch")
+    bar = tqdm(total=settings.train_epochs, desc=desc, unit="epoch")
 
     def on_epoch(epoch: int, scores: dict[str, float]) -> bool:
         log_scores(scores, epoch)
@@ -187,6 +188,41 @@ def fit_best(
         bar.close()
     net.load_state_dict(best["state"])
     return net, history, best["epoch"]
+
+
+def fit_members(
+    params: dict,
+    sets: dict[str, train.Tensors],
+    settings: Settings,
+    seed: int,
+    metric: str,
+    classes: dict[str, int],
+    precision: train.Precision,
+    log_scores: Callable[[dict[str, float], int], None],
+) -> tuple[torch.nn.Module, list[int], list[int]]:
+    """fit_best once per ensemble member, member i from seed + i (member 0 is the trial's own
+    run); one network, or an Ensemble of them. Also each member's epochs and best epoch. A
+    member's metrics are logged as member<i>_<metric> when there are several."""
+    nets, epochs, best_epochs = [], [], []
+    k = settings.ensemble
+    for i in range(k):
+
+        def log_member(scores: dict[str, float], epoch: int, i: int = i) -> None:
+            log_scores({member_key(key, i, k): v for key, v in scores.items()}, epoch)
+
+        desc = f"train-best {i + 1}/{k}" if k > 1 else "train-best"
+        net, history, best_epoch = fit_best(
+            params, sets, settings, seed + i, metric, classes, precision, log_member, desc
+        )
+        nets.append(net)
+        epochs.append(len(history))
+        best_epochs.append(best_epoch)
+    return (nets[0] if k == 1 else network.Ensemble(nets)), epochs, best_epochs
+
+
+def member_key(key: str, member: int, members: int) -> str:
+    """A metric's name for one member of an ensemble of `members` (a lone network: as it is)."""
+    return key if members == 1 else f"member{member}_{key}"
 
 
 def choose_flip_average(net, val: train.Tensors, metric: str) -> tuple[bool, dict[str, float]]:
@@ -341,7 +377,12 @@ def run(settings: Settings, promote: bool = False) -> dict:
             client,
             run_id,
             params
-            | {"seed": seed, "train_epochs": settings.train_epochs, "patience": settings.patience},
+            | {
+                "seed": seed,
+                "train_epochs": settings.train_epochs,
+                "patience": settings.patience,
+                "ensemble": settings.ensemble,
+            },
         )
         runs.log_dataset(
             client, run_id, str(settings.data), faces.fingerprint, split.sizes(), "training"
@@ -350,7 +391,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
         def log_scores(scores: dict[str, float], epoch: int) -> None:
             runs.log_metrics(client, run_id, scores, step=epoch)
 
-        net, history, best_epoch = fit_best(
+        net, epochs, best_epochs = fit_members(
             params, sets, settings, seed, metric, labels.num_classes(edges), precision, log_scores
         )
         flip, flip_scores = choose_flip_average(net, sets["val"], metric)
@@ -371,8 +412,9 @@ def run(settings: Settings, promote: bool = False) -> dict:
             "trial": best.number,
             "metric": metric,
             "trial_value": best.value,
-            "epochs": len(history),
-            "best_epoch": best_epoch,
+            "epochs": epochs,
+            "best_epoch": best_epochs,
+            "seed": seed,
             "device": device,
             "precision": precision.name,
             "params": params,
@@ -380,7 +422,9 @@ def run(settings: Settings, promote: bool = False) -> dict:
             "calibration": calibration,
         }
         scores = log_evaluation(client, run_id, pred, truth, edges, card)
-        wall = {"best_epoch": best_epoch, "wall_s": time.time() - started}
+        wall = {"wall_s": time.time() - started} | {
+            member_key("best_epoch", i, len(best_epochs)): b for i, b in enumerate(best_epochs)
+        }
         runs.log_metrics(client, run_id, wall)
         version = package.log_and_register(
             settings.tracking_uri,
@@ -415,8 +459,8 @@ def run(settings: Settings, promote: bool = False) -> dict:
         "run_id": run_id,
         "trial": best.number,
         "trial_value": best.value,
-        "best_epoch": best_epoch,
-        "epochs": len(history),
+        "best_epoch": best_epochs,  # one per ensemble member
+        "epochs": epochs,
         "device": str(device),
         "precision": precision.name,
         "wall_s": time.time() - started,

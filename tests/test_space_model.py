@@ -210,3 +210,48 @@ def test_flip_averaging_sees_a_face_and_its_mirror_alike(tmp_path) -> None:
     for head in labels.HEADS:
         np.testing.assert_allclose(answers["flip"][0][head], answers["flip"][1][head], atol=1e-5)
         assert not np.allclose(answers["v1"][0][head], answers["v1"][1][head], atol=1e-5)
+
+
+def test_an_ensemble_answers_with_its_members_mean_logits(tmp_path) -> None:
+    """network.build(members=3) averages its members' logits; registered as faceopt/3 metadata
+    with one state dict, the pyfunc rebuilds all three members (batch norm folded) and answers
+    the same calibrated probabilities."""
+    import json
+
+    import numpy as np
+
+    from pipeline.data import preprocess
+    from pipeline.registry import pyfunc
+    from pipeline.training import calibrate
+
+    torch.manual_seed(0)
+    params = extreme_params("cnn-cpu", False)
+    ensemble = network.build(params, CLASSES, members=3)
+    assert isinstance(ensemble, network.Ensemble) and len(ensemble.members) == 3
+    for member in ensemble.members:  # non-trivial batch-norm statistics to fold
+        for module in member.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    ensemble.eval()
+    faces = np.random.default_rng(1).integers(0, 256, (5, 48, 48), dtype=np.uint8)
+    x = preprocess.to_model_input(faces)
+    with torch.inference_mode():
+        mean = ensemble(x)
+        each = [member(x) for member in ensemble.members]
+    for head in labels.HEADS:
+        torch.testing.assert_close(mean[head], sum(e[head] for e in each) / 3)
+        assert not torch.allclose(each[0][head], each[1][head])  # the members differ
+
+    temperatures = {"age": 1.5, "ethnicity": 0.8, "gender": 1.2}
+    meta = pyfunc.metadata(params, (0, 3, 18, 45, 64, 116), temperatures, members=3)
+    assert meta["format"] == "faceopt/3" and meta["members"] == 3
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    torch.save(ensemble.state_dict(), tmp_path / "weights.pt")
+    model = pyfunc.FaceModel()
+    model.load(tmp_path / "meta.json", tmp_path / "weights.pt")
+    assert len(model.net.members) == 3
+    served = model.probabilities(faces)
+    for head in labels.HEADS:
+        expected = calibrate.scaled_probabilities(mean[head], temperatures[head])
+        np.testing.assert_allclose(served[head], expected, rtol=1e-4, atol=1e-5)

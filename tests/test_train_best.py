@@ -143,6 +143,39 @@ def test_same_seed_gives_identical_test_metrics(tuned: Settings) -> None:
     assert a["best_epoch"] == b["best_epoch"]
 
 
+def test_an_ensembles_first_member_is_the_trial_and_the_version_carries_every_member(
+    tuned: Settings,
+) -> None:
+    """ENSEMBLE=2: member 0 trains exactly as a lone retraining of the trial (same seed, same
+    validation history), member 1 from the next seed; the version holds both and says so."""
+    import mlflow
+
+    from pipeline.model import network
+
+    tuned = tuned.model_copy(update={"train_epochs": 3})
+    alone = train_best.run(tuned)
+    pair = train_best.run(tuned.model_copy(update={"ensemble": 2}))
+    client = MlflowClient(tuned.tracking_uri)
+    run = client.get_run(pair["run_id"]).data
+    assert run.params["ensemble"] == "2"
+    assert {"member0_best_epoch", "member1_best_epoch", "member1_val_mean_acc"} <= set(run.metrics)
+
+    def history(run_id: str, key: str) -> list[float]:
+        return [m.value for m in client.get_metric_history(run_id, key)]
+
+    first = history(pair["run_id"], "member0_val_mean_acc")
+    assert first == history(alone["run_id"], "val_mean_acc") and len(first) == 3
+    assert history(pair["run_id"], "member1_val_loss") != history(
+        pair["run_id"], "member0_val_loss"
+    )
+    mlflow.set_tracking_uri(tuned.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/faces/{pair['version']}").unwrap_python_model()
+    assert isinstance(model.net, network.Ensemble) and len(model.net.members) == 2
+    assert model.meta["members"] == 2
+    card = Path(client.download_artifacts(pair["run_id"], "evaluation/model_card.md")).read_text()
+    assert "ensemble of 2 networks (seeds" in card
+
+
 def test_study_without_completed_trial_is_a_clear_error(settings: Settings, capsys) -> None:
     with pytest.raises(train_best.TrainBestError, match="no study 'test-study'"):
         train_best.run(settings)
@@ -225,7 +258,7 @@ def test_journal_storage_end_to_end(settings: Settings, tmp_path: Path, capsys) 
     assert cli.main(["report", *flags]) == 0
     assert f"plots and summary of study {journal.study!r} logged to run" in capsys.readouterr().out
     result = train_best.run(journal)
-    assert result["alias"] == "champion" and result["epochs"] == 2
+    assert result["alias"] == "champion" and result["epochs"] == [2]
     from pipeline import compare
 
     studies = compare.run_studies(journal.model_copy(update={"n_trials": 1}), ["random"], 1, "j")
@@ -255,7 +288,7 @@ def test_train_best_after_tune_needs_no_settings_repeated(
     assert train_best.for_study(Settings(**stores, study="older")).study == "older"
     assert train_best.for_study(bare.model_copy(update={"train_epochs": 2})).train_epochs == 2
     result = train_best.run(bare.model_copy(update={"train_epochs": 2}))
-    assert result["alias"] == "champion" and result["epochs"] == 2
+    assert result["alias"] == "champion" and result["epochs"] == [2]
 
 
 def test_train_best_lists_the_studies_when_the_choice_is_not_clear(

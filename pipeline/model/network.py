@@ -24,8 +24,24 @@ class FaceNet(nn.Module):
         return {name: head(z) for name, head in self.heads.items()}
 
 
-def build(params: dict, classes: dict[str, int]) -> FaceNet:
-    """The network for `params` (from space.suggest or a logged run) with `classes` outputs per head."""
+class Ensemble(nn.Module):
+    """Networks of one architecture trained from different seeds, answering as one: the mean
+    of their logits per head (the normalised geometric mean of their probabilities)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = [member(x) for member in self.members]
+        return {head: torch.stack([o[head].float() for o in outs]).mean(0) for head in outs[0]}
+
+
+def build(params: dict, classes: dict[str, int], members: int = 1) -> nn.Module:
+    """The network for `params` (from space.suggest or a logged run) with `classes` outputs per
+    head; with members > 1, an Ensemble of that many such networks."""
+    if members > 1:
+        return Ensemble([build(params, classes) for _ in range(members)])
     arch = params.get("arch", "mlp")
     if arch == "mlp":
         body, features = _mlp_body(params)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.data.preprocess import SIZE
+from pipeline.model import network
 from pipeline.registry import pyfunc
 
 
@@ -35,9 +36,11 @@ def log_and_register(
     with tempfile.TemporaryDirectory() as tmp:
         weights, meta = Path(tmp) / "weights.pt", Path(tmp) / "meta.json"
         torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
+        members = len(net.members) if isinstance(net, network.Ensemble) else 1
         meta.write_text(
             json.dumps(
-                pyfunc.metadata(params, edges, temperatures, precision, flip_average), indent=2
+                pyfunc.metadata(params, edges, temperatures, precision, flip_average, members),
+                indent=2,
             )
         )
         with mlflow.start_run(run_id=run_id):

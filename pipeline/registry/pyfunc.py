@@ -21,9 +21,10 @@ from pipeline.training import calibrate, train
 
 # The layout of meta.json and weights.pt this code writes, and the ones it reads (versions
 # registered before the field existed are faceopt/1). A change that older code would misread
-# gets a new name: faceopt/2 added `flip_average`, which faceopt/1 readers would ignore.
-FORMAT = "faceopt/2"
-READS = ("faceopt/1", "faceopt/2")
+# gets a new name: faceopt/2 added `flip_average`, which faceopt/1 readers would ignore;
+# faceopt/3 added `members` (an ensemble's weights), which faceopt/2 readers could not load.
+FORMAT = "faceopt/3"
+READS = ("faceopt/1", "faceopt/2", "faceopt/3")
 
 
 def metadata(
@@ -32,14 +33,16 @@ def metadata(
     temperatures: dict[str, float] | None = None,
     precision: str = "fp32",
     flip_average: bool = False,
+    members: int = 1,
 ) -> dict:
     """Everything serving needs to rebuild the network and reproduce preprocessing, labels and
     calibrated probabilities (softmax of logits / temperature, per head, the logits averaged
-    with the mirror image's when `flip_average`). `precision` is what trained the weights; they
-    are stored and run in fp32."""
+    over an ensemble's `members` and with the mirror image's when `flip_average`). `precision`
+    is what trained the weights; they are stored and run in fp32."""
     return {
         "format": FORMAT,
         "params": params,
+        "members": members,
         "flip_average": flip_average,
         "trained_precision": precision,
         "age_edges": list(edges),
@@ -136,7 +139,7 @@ class FaceModel(PythonModel):
                 "the faceopt version that registered it, or retrain it with this one"
             )
         classes = {head: len(names) for head, names in self.meta["classes"].items()}
-        self.net = network.build(self.meta["params"], classes)
+        self.net = network.build(self.meta["params"], classes, self.meta.get("members", 1))
         state = torch.load(weights, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
         self.net = network.fold_batch_norm(self.net.eval())

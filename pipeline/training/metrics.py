@@ -111,6 +111,19 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _retrained(info: dict) -> str:
+    """How the version was retrained: one network, or an ensemble's members."""
+    epochs, best = info["epochs"], info["best_epoch"]
+    if len(epochs) == 1:
+        return f"retrained {epochs[0]} epochs, best epoch {best[0]}"
+    seeds = f"{info['seed']}..{info['seed'] + len(epochs) - 1}"
+    return (
+        f"retrained as an ensemble of {len(epochs)} networks (seeds {seeds}; the service "
+        f"averages their logits): {', '.join(map(str, epochs))} epochs, best epochs "
+        f"{', '.join(map(str, best))}"
+    )
+
+
 def model_card(info: dict, metrics: dict, table: pd.DataFrame) -> str:
     """A short markdown card: data, split, params, metrics, per-group table, known limits."""
     metric_lines = "\n".join(
@@ -142,8 +155,7 @@ ethnicity (White, Black, Asian, Indian, Other) and gender (male, female).
   ({dup["conflicting_rows"]} rows) disagree on a label, and were
   {"left out" if dup["conflicting_dropped"] else "kept"}.
 - Tuned by study `{info["study"]}`, trial #{info["trial"]} (validation {info["metric"]} accuracy
-  {info["trial_value"]:.4f}); retrained {info["epochs"]} epochs, best epoch {info["best_epoch"]},
-  on {info["device"]} ({info["precision"]}).
+  {info["trial_value"]:.4f}); {_retrained(info)}, on {info["device"]} ({info["precision"]}).
 - Predictions average each face's logits with its mirror image's: {
         "yes (it raised the validation score)"
         if info.get("flip_average")
