@@ -255,3 +255,8 @@ def test_an_ensemble_answers_with_its_members_mean_logits(tmp_path) -> None:
     for head in labels.HEADS:
         expected = calibrate.scaled_probabilities(mean[head], temperatures[head])
         np.testing.assert_allclose(served[head], expected, rtol=1e-4, atol=1e-5)
+
+    # A meta.json that does not match its weights is refused before anything is built.
+    (tmp_path / "meta.json").write_text(json.dumps(meta | {"members": 10**6}))
+    with pytest.raises(ValueError, match="names 1000000 members, weights.pt holds 3"):
+        pyfunc.FaceModel().load(tmp_path / "meta.json", tmp_path / "weights.pt")

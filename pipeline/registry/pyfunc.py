@@ -139,8 +139,13 @@ class FaceModel(PythonModel):
                 "the faceopt version that registered it, or retrain it with this one"
             )
         classes = {head: len(names) for head, names in self.meta["classes"].items()}
-        self.net = network.build(self.meta["params"], classes, self.meta.get("members", 1))
         state = torch.load(weights, map_location="cpu", weights_only=True)
+        # The weights say how many networks there are; meta.json must agree before any is built.
+        members = self.meta.get("members", 1)
+        stored = len({key.split(".")[1] for key in state if key.startswith("members.")}) or 1
+        if members != stored:
+            raise ValueError(f"meta.json names {members!r} members, weights.pt holds {stored}")
+        self.net = network.build(self.meta["params"], classes, members)
         self.net.load_state_dict(state)
         self.net = network.fold_batch_norm(self.net.eval())
 
