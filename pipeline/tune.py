@@ -220,8 +220,10 @@ def _optimize(
         study.optimize(claimed, n_trials=1, callbacks=[logger], catch=catch)
 
     lock = workers.ClaimLock(settings.storage, settings.study)
+    # A trial is sampled in seconds; ten grace periods without reaching the objective is a dead worker.
+    orphan_after = 10 * max(settings.grace_period, 3 * settings.heartbeat_interval)
     workers.optimize_until(
-        study, run_one, until, settings.timeout, settings.heartbeat_interval, lock
+        study, run_one, until, settings.timeout, settings.heartbeat_interval, lock, orphan_after
     )
 
 

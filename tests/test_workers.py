@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -15,10 +16,11 @@ import optuna
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
-from pipeline import tune
+from pipeline import storage, tune
 from pipeline.config import Settings
-from pipeline.tracking.runs import RUN_ID_ATTR
+from pipeline.tracking.runs import RUN_ID_ATTR, WORKER_ATTR
 from pipeline.tuning import workers
 from pipeline.tuning.study import load_data
 from tests.conftest import free_port, server_process, synthetic_faces, write_csv
@@ -278,3 +280,33 @@ def test_mlflow_tells_the_truth_after_a_killed_tune(tmp_path: Path, settings: Se
     assert killed.info.end_time == int(killed.data.tags["faceopt.heartbeat"]) * 1000
     (victim_run,) = runs_by_trial(slow)[victim.number]
     assert victim_run.info.status == "FAILED" and victim_run.data.tags["state"] == "FAIL"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_trial_whose_worker_died_while_it_was_sampled_is_failed_and_retried(
+    tmp_path: Path,
+) -> None:
+    """ask() makes a trial RUNNING before its heartbeat starts; a worker killed then leaves a
+    trial that Optuna's stale check never fails (so a run waiting for it would never end).
+    fail_orphans fails it once old enough and queues its retry; a trial whose objective started
+    (runs.WORKER_ATTR) is left to the heartbeats, and so is a young one."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    store = storage.open_storage(url, 1, 1, storage.retry_stale(max_retry=2))
+    study = optuna.create_study(study_name="s", storage=store, direction="maximize")
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # then the kill
+    alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    alive.set_user_attr(WORKER_ATTR, "host:1")
+    young = study.ask()
+    time.sleep(2.5)  # past the grace period: Optuna's own check still fails nothing
+    optuna.storages.fail_stale_trials(study)
+    assert {t.number: t.state for t in study.trials}[orphan.number] == TrialState.RUNNING
+
+    started = {t.number: t.datetime_start for t in study.trials}
+    age = (datetime.datetime.now() - started[young.number]).total_seconds()
+    assert workers.fail_orphans(study, older_than=age + 60) == []
+    assert workers.fail_orphans(study, older_than=1) == [orphan.number, young.number]
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    retried = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.params for t in retried] == [{"x": orphan.params["x"]}, {}]
+    assert workers.fail_orphans(study, older_than=1) == []  # nothing twice

@@ -33,6 +33,8 @@ from pipeline.tracking import report
 log = logging.getLogger(__name__)
 
 RUN_ID_ATTR = "mlflow_run_id"
+# Set first thing when a trial's objective starts (Optuna's heartbeat is running by then).
+WORKER_ATTR = "worker"
 # Seconds since the epoch, stamped on a live invocation's parent run: a parent whose stamp stopped
 # belongs to a process that is gone (SIGKILL, power loss), on whichever host it ran.
 HEARTBEAT_TAG = "faceopt.heartbeat"
@@ -307,6 +309,9 @@ class TrialLogger:
 
     def start(self, trial: optuna.Trial) -> str:
         worker = f"{socket.gethostname()}:{os.getpid()}"
+        # Before MLflow is asked anything: a trial with this attr reached its objective (and
+        # Optuna's heartbeat), so workers.fail_orphans never fails it, however slow MLflow is.
+        trial.set_user_attr(WORKER_ATTR, worker)
         tags = {
             MLFLOW_PARENT_RUN_ID: self.parent_run_id,
             MLFLOW_RUN_NAME: f"trial-{trial.number}",
@@ -321,7 +326,6 @@ class TrialLogger:
             tags["optuna.retry_of"] = str(retry_of)
         run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         trial.set_user_attr(RUN_ID_ATTR, run_id)
-        trial.set_user_attr("worker", worker)
         self._log_async(run_id, {"trial_number": trial.number}, step=0)
         return run_id
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import datetime
 import fcntl
 import hashlib
 import json
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline import storage
 from pipeline.config import Settings
+from pipeline.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,40 @@ class ClaimLock:
                 handle.close()
 
 
+def fail_orphans(study: optuna.Study, older_than: float) -> list[int]:
+    """Fail the RUNNING trials that never reached the objective (no runs.WORKER_ATTR) and started
+    more than `older_than` seconds ago, and hand them to the storage's retry callback, as
+    Optuna's stale check does; their numbers.
+
+    Optuna's stale check only sees trials with a heartbeat, and a trial is RUNNING from the
+    start of ask() (relative sampling included) before its heartbeat starts: a worker killed in
+    between leaves the trial RUNNING for ever, and a run that waits for it never ends."""
+    storage = study._storage
+    now = datetime.datetime.now()  # Optuna's datetime_start is the worker's naive local time
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if runs.WORKER_ATTR in trial.user_attrs or trial.datetime_start is None:
+            continue
+        if (now - trial.datetime_start).total_seconds() <= older_than:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
+            continue
+        failed.append(trial.number)
+        log.warning(
+            "trial %d has been RUNNING for %.0f s without reaching the objective (its worker "
+            "died while it was being sampled): failed",
+            trial.number,
+            (now - trial.datetime_start).total_seconds(),
+        )
+        callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+        if callback is not None:  # faceopt's: close the trial's MLflow run, queue it again
+            callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+    return failed
+
+
 def optimize_until(
     study: optuna.Study,
     run_one: Callable[[Callable[[], None]], None],
@@ -126,9 +163,11 @@ def optimize_until(
     timeout: float | None,
     poll: float,
     lock: ClaimLock,
+    orphan_after: float = 300.0,
 ) -> None:
     """Start trials while finished + running < until; then wait for the others, failing any trial
-    whose worker died (Optuna's stale check), so its retry gets run here.
+    whose worker died (Optuna's stale check, and fail_orphans after `orphan_after` seconds), so
+    its retry gets run here.
 
     run_one(started) runs one trial and calls started() once the trial exists in the storage;
     the claim lock is held from the count until then.
@@ -149,5 +188,6 @@ def optimize_until(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
+            fail_orphans(study, orphan_after)
     finally:
         lock.close()
