@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import tempfile
 import time
@@ -191,33 +192,27 @@ def fit_best(
 
 
 def fit_members(
-    params: dict,
-    sets: dict[str, train.Tensors],
-    settings: Settings,
+    fit: Callable[..., tuple[torch.nn.Module, list[dict], int]],
+    members: int,
     seed: int,
-    metric: str,
-    classes: dict[str, int],
-    precision: train.Precision,
     log_scores: Callable[[dict[str, float], int], None],
 ) -> tuple[torch.nn.Module, list[int], list[int]]:
-    """fit_best once per ensemble member, member i from seed + i (member 0 is the trial's own
-    run); one network, or an Ensemble of them. Also each member's epochs and best epoch. A
-    member's metrics are logged as member<i>_<metric> when there are several."""
+    """`fit` (fit_best with everything but seed, log_scores and desc given) once per ensemble
+    member, member i from seed + i (member 0 is the trial's own run); one network, or an
+    Ensemble of them. Also each member's epochs and best epoch. A member's metrics are logged as
+    member<i>_<metric> when there are several."""
     nets, epochs, best_epochs = [], [], []
-    k = settings.ensemble
-    for i in range(k):
+    for i in range(members):
 
         def log_member(scores: dict[str, float], epoch: int, i: int = i) -> None:
-            log_scores({member_key(key, i, k): v for key, v in scores.items()}, epoch)
+            log_scores({member_key(key, i, members): v for key, v in scores.items()}, epoch)
 
-        desc = f"train-best {i + 1}/{k}" if k > 1 else "train-best"
-        net, history, best_epoch = fit_best(
-            params, sets, settings, seed + i, metric, classes, precision, log_member, desc
-        )
+        desc = f"train-best {i + 1}/{members}" if members > 1 else "train-best"
+        net, history, best_epoch = fit(seed=seed + i, log_scores=log_member, desc=desc)
         nets.append(net)
         epochs.append(len(history))
         best_epochs.append(best_epoch)
-    return (nets[0] if k == 1 else network.Ensemble(nets)), epochs, best_epochs
+    return (nets[0] if members == 1 else network.Ensemble(nets)), epochs, best_epochs
 
 
 def member_key(key: str, member: int, members: int) -> str:
@@ -391,9 +386,16 @@ def run(settings: Settings, promote: bool = False) -> dict:
         def log_scores(scores: dict[str, float], epoch: int) -> None:
             runs.log_metrics(client, run_id, scores, step=epoch)
 
-        net, epochs, best_epochs = fit_members(
-            params, sets, settings, seed, metric, labels.num_classes(edges), precision, log_scores
+        fit = functools.partial(
+            fit_best,
+            params,
+            sets,
+            settings,
+            metric=metric,
+            classes=labels.num_classes(edges),
+            precision=precision,
         )
+        net, epochs, best_epochs = fit_members(fit, settings.ensemble, seed, log_scores)
         flip, flip_scores = choose_flip_average(net, sets["val"], metric)
         runs.log_metrics(client, run_id, flip_scores)
         runs.log_params(client, run_id, {"flip_average": flip})

@@ -163,7 +163,7 @@ def optimize_until(
     timeout: float | None,
     poll: float,
     lock: ClaimLock,
-    orphan_after: float = 300.0,
+    orphan_after: float,
 ) -> None:
     """Start trials while finished + running < until; then wait for the others, failing any trial
     whose worker died (Optuna's stale check, and fail_orphans after `orphan_after` seconds), so
