@@ -136,7 +136,8 @@ def fail_orphans(study: optuna.Study, older_than: float) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if runs.WORKER_ATTR in trial.user_attrs or trial.datetime_start is None:
             continue
-        if (now - trial.datetime_start).total_seconds() <= older_than:
+        age = (now - trial.datetime_start).total_seconds()
+        if age <= older_than:
             continue
         try:
             if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
@@ -148,7 +149,7 @@ def fail_orphans(study: optuna.Study, older_than: float) -> list[int]:
             "trial %d has been RUNNING for %.0f s without reaching the objective (its worker "
             "died while it was being sampled): failed",
             trial.number,
-            (now - trial.datetime_start).total_seconds(),
+            age,
         )
         callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
         if callback is not None:  # faceopt's: close the trial's MLflow run, queue it again
