@@ -12,7 +12,7 @@ FACEOPT := $(BIN)/faceopt
 # Each variable becomes its flag only when set, so FACEOPT_* environment settings still apply.
 flag = $(if $($(1)),--$(2) '$($(1))')
 STUDY_FLAGS = $(call flag,PRESET,preset) $(call flag,DATA,data) $(call flag,STUDY,study) $(call flag,STORAGE,storage) \
-	$(call flag,SEED,seed)
+	$(call flag,SEED,seed) $(call flag,SIZE,input-size) $(call flag,COLOUR,colour) $(call flag,FEATURES,features)
 TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,timeout) \
 	$(call flag,EPOCHS,epochs) $(call flag,SPACE,space) $(call flag,METRIC,metric) \
 	$(call flag,SAMPLER,sampler) $(call flag,SAMPLER_ARGS,sampler-args) \
@@ -28,7 +28,7 @@ ALL_SAMPLERS := random,tpe,skopt,gp
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
-	@echo "  variables: PRESET(cpu|gpu) DATA STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS ENSEMBLE SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION ENQUEUE"
+	@echo "  variables: PRESET(cpu|gpu) DATA SIZE COLOUR FEATURES STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS ENSEMBLE SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION ENQUEUE"
 
 setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
 

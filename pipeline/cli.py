@@ -38,6 +38,14 @@ COMMON = {
         "cpu or gpu: the cnn space with budgets for 2 CPU cores or one GPU",
     ),
     "--data": ("data", str, "age_gender.csv(.gz) or a UTKFace folder"),
+    "--input-size": ("input_size", int, "side of the face in pixels (a UTKFace folder; CSV: 48)"),
+    "--colour": ("colour", str, f"{_names(config.ColourName)}: the face's colour (a folder)"),
+    "--features": (
+        "features",
+        str,
+        f"{_names(config.FeaturesName)}: the pixels, dlib's face descriptor, both, or the "
+        "trial chooses",
+    ),
     "--study": ("study", str, "study name (also the MLflow experiment)"),
     "--storage": ("storage", str, "Optuna storage URL (default sqlite:///optuna.db)"),
     "--tracking-uri": ("tracking_uri", str, "MLflow tracking URI (default sqlite:///mlflow.db)"),

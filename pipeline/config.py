@@ -16,6 +16,8 @@ PrunerName = Literal["median", "hyperband", "successive-halving", "percentile", 
 SpaceName = Literal["mlp", "cnn", "cnn-cpu"]
 PresetName = Literal["cpu", "gpu"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+ColourName = Literal["gray", "rgb"]
+FeaturesName = Literal["pixels", "descriptor", "both", "search"]
 
 # Defaults a preset brings; anything set explicitly (flag or environment) still wins.
 PRESETS: dict[str, dict] = {
@@ -55,6 +57,12 @@ class Settings(BaseSettings):
     data: Path = Path("data/age_gender.csv")
     cache_dir: Path = Path(".cache/faceopt")
     skip_bad_rows: bool = False
+    # The face a network sees (a UTKFace folder; the Kaggle CSV holds 48 px gray only): its side
+    # in pixels and its colour, and whether the trial gets the pixels, dlib's pretrained 128-D
+    # face descriptor of the same chip, both, or chooses among them (search).
+    input_size: int = Field(48, ge=16, le=200)
+    colour: ColourName = "gray"
+    features: FeaturesName = "pixels"
 
     storage: str = Field(
         "sqlite:///optuna.db", validation_alias=AliasChoices("OPTUNA_STORAGE", "FACEOPT_STORAGE")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pipeline import storage
 from pipeline.config import Settings
-from pipeline.data import dataset, faces, labels, preprocess
+from pipeline.data import dataset, descriptor, faces, labels, preprocess
 from pipeline.errors import FaceoptError
 from pipeline.tracking import runs
 from pipeline.training import metrics
@@ -91,17 +91,31 @@ def in_a_photo(raw: bytes, scale: float, surround: str = "blur") -> bytes:
     return out.getvalue()
 
 
-def dataset_faces(photos: Photos) -> np.ndarray:
-    """The photos converted as the dataset was: whole photo, grayscale, bilinear 48x48."""
+def dataset_faces(photos: Photos, chips: bool = False) -> np.ndarray:
+    """The photos converted as the dataset was: whole photo, grayscale, bilinear 48x48; for a
+    version that takes chips, the whole photo as its colour chip (a UTKFace photo is one)."""
+    if chips:
+        return np.stack([descriptor.read_chip(io.BytesIO(raw)) for raw in photos.raws])
     return np.stack([preprocess.load_gray48(io.BytesIO(raw)) for raw in photos.raws])
 
 
-def served_faces(raws: list[bytes], settings: Settings, desc: str) -> list[faces.Face]:
+def served_faces(
+    raws: list[bytes], settings: Settings, desc: str, colour: bool = False
+) -> list[faces.Face]:
     """Each photo through the service's preprocessing, with the service's settings."""
     return [
-        faces.face_from_upload(raw, settings.max_pixels, settings.min_face)
+        faces.face_from_upload(raw, settings.max_pixels, settings.min_face, colour)
         for raw in tqdm(raws, desc=desc, unit="photo", leave=False)
     ]
+
+
+def served_inputs(cut: list[faces.Face], chips: bool) -> np.ndarray:
+    """What the service gives the version for each cut (zeros where no face was found, which
+    gets no answer)."""
+    if not chips:
+        return np.stack([f.pixels for f in cut])
+    blank = np.zeros((faces.CHIP_SIZE, faces.CHIP_SIZE, 3), dtype=np.uint8)
+    return np.stack([f.chip if f.chip is not None else blank for f in cut])
 
 
 def predict(model, pixels: np.ndarray, answered: np.ndarray) -> dict[str, np.ndarray]:
@@ -171,7 +185,8 @@ def run(
     edges = tuple(model.meta["age_edges"])
     truth = photos.truth(edges)
     everyone = np.ones(len(photos.names), dtype=bool)
-    converted = predict(model, dataset_faces(photos), everyone)
+    chips = getattr(model, "takes_chips", False)
+    converted = predict(model, dataset_faces(photos, chips), everyone)
     reference = scores(converted, truth)
     rows = []
     for context in contexts:
@@ -179,10 +194,10 @@ def run(
             photos.raws if context == 1 else [in_a_photo(r, context, surround) for r in photos.raws]
         )
         started = time.perf_counter()
-        cut = served_faces(raws, settings, f"context {context:g}")
+        cut = served_faces(raws, settings, f"context {context:g}", chips)
         ms = 1000 * (time.perf_counter() - started) / len(raws)
         answered = np.array([f.answered for f in cut])  # a face was found
-        pred = predict(model, np.stack([f.pixels for f in cut]), answered)
+        pred = predict(model, served_inputs(cut, chips), answered)
         served = scores(pred, truth) | intervals(pred, converted, truth)
         rows.append(
             {

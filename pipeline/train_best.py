@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from mlflow.exceptions import MlflowException
@@ -20,11 +21,13 @@ from tqdm.auto import tqdm
 from pipeline import storage
 from pipeline.config import PRESETS, Settings
 from pipeline.data import dataset, labels
+from pipeline.data.inputs import SEED_FORM, InputSpec
 from pipeline.errors import FaceoptError
 from pipeline.model import network, space
 from pipeline.registry import champion, package
 from pipeline.tracking import runs
 from pipeline.training import calibrate, metrics, train
+from pipeline.tuning.study import data_form
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +111,19 @@ def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTria
             "all pruned, failed or running): run `make tune` until one completes"
         )
     best = study.best_trial
-    params = space.suggest(optuna.trial.FixedTrial(best.params), study.user_attrs["space"])
+    attrs = study.user_attrs
+    params = space.suggest(
+        optuna.trial.FixedTrial(best.params), attrs["space"], attrs.get("features", "pixels")
+    )
     return study, best, params
 
 
-def study_split(settings: Settings, attrs: dict) -> tuple[dataset.FaceSet, dataset.Split]:
-    """The same data and split the study selected on, checked by fingerprint and digest."""
-    faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
+def study_split(
+    settings: Settings, attrs: dict, spec: InputSpec = SEED_FORM
+) -> tuple[dataset.FaceSet, dataset.Split]:
+    """The same data and split the study selected on, checked by fingerprint and digest; the
+    faces in the input form `spec`."""
+    faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows, spec)
     if faces.fingerprint != attrs["data_fingerprint"]:
         raise TrainBestError(
             f"{settings.data} is not the data study {settings.study!r} was tuned on "
@@ -138,6 +147,15 @@ def study_split(settings: Settings, attrs: dict) -> tuple[dataset.FaceSet, datas
     return faces, split
 
 
+def validation_inputs(
+    settings: Settings, split: dataset.Split, spec: InputSpec
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The validation faces in the input form `spec` (a version's own), and their descriptors
+    when it takes them: each version is judged on what it was trained to see."""
+    faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows, spec)
+    return faces.images[split.val], (faces.descriptors[split.val] if spec.descriptor else None)
+
+
 def trial_seed(best: optuna.trial.FrozenTrial, settings: Settings) -> int:
     """The seed the trial trained with (recorded by tune; older studies: seed + trial number)."""
     return int(best.user_attrs.get("seed", settings.seed + best.number))
@@ -153,13 +171,14 @@ def fit_best(
     precision: train.Precision,
     log_scores: Callable[[dict[str, float], int], None],
     desc: str = "train-best",
+    spec: InputSpec = SEED_FORM,
 ) -> tuple[torch.nn.Module, list[dict], int]:
     """Train up to train_epochs with early stopping on validation; returns the best epoch's weights.
 
     The trial's learning-rate schedule spans all train_epochs (train.fit sizes it by the epochs
     it is given), so a one-cycle or cosine schedule is the trial's, stretched to this length."""
     train.seed_everything(seed)
-    net = network.build(params, classes).to(sets["train"].x.device)
+    net = network.build(params, classes, spec=spec).to(sets["train"].device)
     key = train.metric_key(metric)
     best = {"value": -1.0, "epoch": -1, "state": None}
     bar = tqdm(total=settings.train_epochs, desc=desc, unit="epoch")
@@ -224,8 +243,8 @@ def choose_flip_average(net, val: train.Tensors, metric: str) -> tuple[bool, dic
     """Whether averaging each face's logits with its mirror image's helps this network, decided
     on the validation split by the study's metric (the test split chooses nothing); with the
     validation accuracies both ways, for the run."""
-    plain = train.accuracies(train.predict_logits(net, val.x), val.y)
-    flipped = train.accuracies(train.predict_logits(net, val.x, flip_average=True), val.y)
+    plain = train.accuracies(train.predict_logits(net, val.x, d=val.d), val.y)
+    flipped = train.accuracies(train.predict_logits(net, val.x, flip_average=True, d=val.d), val.y)
     key = train.metric_key(metric)
     scores = {f"{k}_plain": v for k, v in plain.items()}
     scores |= {f"{k}_flip_average": v for k, v in flipped.items()}
@@ -238,9 +257,9 @@ def calibrate_and_test(
     """Temperatures fitted on validation; test predictions and calibration with and without them.
     In fp32 whatever precision trained the weights, and with the version's flip averaging: the
     card reports what the service answers."""
-    val_logits = train.predict_logits(net, val.x, flip_average=flip_average)
+    val_logits = train.predict_logits(net, val.x, flip_average=flip_average, d=val.d)
     temperatures = {h: calibrate.fit_temperature(val_logits[h], val.y[h]) for h in labels.HEADS}
-    logits = train.predict_logits(net, test.x, flip_average=flip_average)
+    logits = train.predict_logits(net, test.x, flip_average=flip_average, d=test.d)
     pred = {head: logits[head].argmax(1).cpu().numpy() for head in labels.HEADS}
     truth = {head: y.cpu().numpy() for head, y in test.y.items()}
     return temperatures, pred, truth, calibrate.report(logits, test.y, temperatures)
@@ -336,7 +355,8 @@ def run(settings: Settings, promote: bool = False) -> dict:
     attrs = study.user_attrs
     edges, metric = tuple(attrs["age_edges"]), attrs["metric"]
     seed = trial_seed(best, settings)
-    faces, split = study_split(settings, attrs)
+    spec = network.input_spec(params, data_form(attrs))
+    faces, split = study_split(settings, attrs, spec)
     device = train.select_device()
     precision = train.select_precision(device, settings.precision)
     log.info(
@@ -348,7 +368,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
         best.value,
     )
     sets = {
-        part: train.to_tensors(faces, getattr(split, part), edges, device)
+        part: train.to_tensors(faces, getattr(split, part), edges, device, spec)
         for part in ("train", "val", "test")
     }
 
@@ -377,6 +397,9 @@ def run(settings: Settings, promote: bool = False) -> dict:
                 "train_epochs": settings.train_epochs,
                 "patience": settings.patience,
                 "ensemble": settings.ensemble,
+                "input_size": spec.size,
+                "colour": spec.colour,
+                "features": spec.features,
             },
         )
         runs.log_dataset(
@@ -394,6 +417,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
             metric=metric,
             classes=labels.num_classes(edges),
             precision=precision,
+            spec=spec,
         )
         net, epochs, best_epochs = fit_members(fit, settings.ensemble, seed, log_scores)
         flip, flip_scores = choose_flip_average(net, sets["val"], metric)
@@ -421,6 +445,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
             "precision": precision.name,
             "params": params,
             "flip_average": flip,
+            "input": spec.to_meta(),
             "calibration": calibration,
         }
         scores = log_evaluation(client, run_id, pred, truth, edges, card)
@@ -438,6 +463,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
             settings.model_name,
             precision.name,
             flip,
+            spec,
         )
         for tag, value in {
             **scores,
@@ -449,10 +475,16 @@ def run(settings: Settings, promote: bool = False) -> dict:
         }.items():
             client.set_model_version_tag(settings.model_name, version.version, tag, str(value))
         describe(client, settings.model_name, version.version, run_id, edges, scores)
-        val = (faces.images[split.val], faces.targets(split.val, edges))
         data_key = (faces.fingerprint, split.digest())
         alias = champion.gate(
-            client, settings.model_name, version.version, val, metric, data_key, promote
+            client,
+            settings.model_name,
+            version.version,
+            functools.partial(validation_inputs, settings, split),
+            faces.targets(split.val, edges),
+            metric,
+            data_key,
+            promote,
         )
     return {
         "model": settings.model_name,

@@ -24,7 +24,7 @@ from pipeline.tracking import report, runs
 from pipeline.training import train
 from pipeline.tuning import workers
 from pipeline.tuning.objective import catch_sigint, make_objective
-from pipeline.tuning.study import load_data, open_study, read_enqueue, versions
+from pipeline.tuning.study import data_form, load_data, open_study, read_enqueue, versions
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class TrialsFailed(FaceoptError):
 def run(settings: Settings) -> dict:
     """Add settings.n_trials trials to the study, in this process or in settings.workers processes."""
     if settings.enqueue:  # a bad file fails now, not after the data is decoded
-        read_enqueue(settings.enqueue, settings.space)
+        read_enqueue(settings.enqueue, settings.space, settings.features)
     if settings.workers != 1:
         return run_workers(settings)
     return run_worker(settings)
@@ -60,7 +60,7 @@ def run_workers(settings: Settings) -> dict:
         settings.study,
         {"workers": str(settings.workers), "data.fingerprint": faces.fingerprint},
     )
-    _log_setup(client, parent, settings, attrs, split)
+    _log_setup(client, parent, settings, attrs, split, faces)
     # On Ctrl-C the workers got the same signal and close their own trials.
     with runs.parent_run(
         client,
@@ -96,8 +96,9 @@ def run_worker(
     log.info(
         "device: %s (%s); %d faces, split %s", device, precision.name, len(faces), split.summary()
     )
-    train_set = train.to_tensors(faces, split.train, settings.age_edges, device)
-    val_set = train.to_tensors(faces, split.val, settings.age_edges, device)
+    form = data_form(attrs)
+    train_set = train.to_tensors(faces, split.train, settings.age_edges, device, form)
+    val_set = train.to_tensors(faces, split.val, settings.age_edges, device, form)
 
     with storage.init_lock(settings.tracking_uri):
         client = runs.client_for(settings.tracking_uri)
@@ -130,8 +131,8 @@ def run_worker(
         runs.reconcile(
             client, experiment_id, study, settings.heartbeat_interval, settings.grace_period
         )
-        _log_setup(client, parent, settings, attrs, split)
-    objective = make_objective(settings, train_set, val_set, logger, precision)
+        _log_setup(client, parent, settings, attrs, split, faces)
+    objective = make_objective(settings, train_set, val_set, logger, precision, form)
 
     def last() -> bool:  # plots once, by whichever worker finishes last
         if not settings.study_plots:
@@ -227,8 +228,16 @@ def _optimize(
     )
 
 
-def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: dataset.Split) -> None:
-    """What a reader of the parent run needs to reproduce it: settings, data, split, versions."""
+def _log_setup(
+    client,
+    run_id: str,
+    settings: Settings,
+    attrs: dict,
+    split: dataset.Split,
+    faces: dataset.FaceSet,
+) -> None:
+    """What a reader of the parent run needs to reproduce it: settings, data (and the files left
+    out of it), split, versions."""
     params = settings.model_dump(
         include={
             "data",
@@ -248,11 +257,16 @@ def _log_setup(client, run_id: str, settings: Settings, attrs: dict, split: data
             "test_fraction",
             "val_fraction",
             "age_edges",
+            "input_size",
+            "colour",
+            "features",
         }
     )
+    params["skipped_files"] = len(faces.skipped)
     params["storage"] = storage.redact(params["storage"])  # the tracking store is widely read
     runs.log_params(client, run_id, params | {f"split_{k}": v for k, v in split.summary().items()})
-    runs.log_json(client, run_id, {"study_attrs": attrs, "versions": versions()}, "setup.json")
+    setup = {"study_attrs": attrs, "versions": versions(), "skipped_files": list(faces.skipped)}
+    runs.log_json(client, run_id, setup, "setup.json")
     runs.log_dataset(
         client, run_id, str(settings.data), attrs["data_fingerprint"], split.sizes(), "tuning"
     )

@@ -42,14 +42,17 @@ class DecodePool:
         self._trimmed = 0.0
         self._trim = _malloc_trim()
 
-    async def face(self, file: BinaryIO, name: str, settings: Settings) -> face_crop.Face:
-        return await asyncio.wrap_future(self._pool.submit(self._cut, file, name, settings))
+    async def face(
+        self, file: BinaryIO, name: str, settings: Settings, colour: bool = False
+    ) -> face_crop.Face:
+        future = self._pool.submit(self._cut, file, name, settings, colour)
+        return await asyncio.wrap_future(future)
 
-    def _cut(self, file: BinaryIO, name: str, settings: Settings) -> face_crop.Face:
+    def _cut(self, file: BinaryIO, name: str, settings: Settings, colour: bool) -> face_crop.Face:
         with self._lock:
             self._busy += 1
         try:
-            return cut_face(file, name, settings)
+            return cut_face(file, name, settings, colour)
         finally:
             with self._lock:
                 self._busy -= 1
@@ -74,11 +77,12 @@ def read_limited(file: BinaryIO, name: str, limit: int) -> bytes:
     return raw
 
 
-def cut_face(file: BinaryIO, name: str, settings: Settings) -> face_crop.Face:
-    """One upload's face; its bytes and the decoded photo are dropped when this returns."""
+def cut_face(file: BinaryIO, name: str, settings: Settings, colour: bool = False) -> face_crop.Face:
+    """One upload's face (with `colour`, also its colour chip); its bytes and the decoded photo
+    are dropped when this returns."""
     raw = read_limited(file, name, settings.max_file_bytes)
     try:
-        return face_crop.face_from_upload(raw, settings.max_pixels, settings.min_face)
+        return face_crop.face_from_upload(raw, settings.max_pixels, settings.min_face, colour)
     except face_crop.ImageTooLarge as e:
         raise HTTPException(413, f"{name}: {e}") from e
     except face_crop.ImageError as e:

@@ -134,14 +134,15 @@ async def predict(
     names = [u.filename or f"file{i}" for i, u in enumerate(uploads)]
     pool: DecodePool = request.app.state.decode
     faces = [
-        await pool.face(u.file, name, settings) for u, name in zip(uploads, names, strict=True)
+        await pool.face(u.file, name, settings, model.takes_chips)
+        for u, name in zip(uploads, names, strict=True)
     ]
     found = [i for i, face in enumerate(faces) if face.answered]
     per_face: list[dict[str, np.ndarray] | None] = [None] * len(faces)  # None: no answer
     if found:
         # This request's faces in one pass, shared with whatever other requests wait.
         probs = await request.app.state.batcher.probabilities(
-            model, np.stack([faces[i].pixels for i in found])
+            model, np.stack([model.model_input(faces[i]) for i in found])
         )
         for row, i in enumerate(found):
             per_face[i] = {head: p[row] for head, p in probs.items()}

@@ -38,6 +38,15 @@ class Loaded:
     def classes(self) -> dict[str, list[str]]:
         return self.model.meta["classes"]
 
+    @property
+    def takes_chips(self) -> bool:
+        """Whether the version is given the face's 200x200 colour chip, not its 48x48 gray face."""
+        return self.model.takes_chips
+
+    def model_input(self, face) -> np.ndarray:
+        """What this version is given of a cut face (pipeline.data.faces.Face)."""
+        return face.chip if self.takes_chips else face.pixels
+
     def probabilities(self, faces: np.ndarray) -> dict[str, np.ndarray]:
         return self.model.probabilities(faces)
 

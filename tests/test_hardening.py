@@ -201,7 +201,7 @@ def test_the_decode_pool_bounds_how_many_images_are_decoded_at_once(monkeypatch)
     (the memory figures themselves are `make bench-abuse`'s)."""
     active, most, lock = 0, 0, threading.Lock()
 
-    def slow_cut(file, name, settings):
+    def slow_cut(file, name, settings, colour=False):
         nonlocal active, most
         with lock:
             active += 1

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import cli, train_best, tune
 from pipeline.config import Settings
+from pipeline.data.inputs import SEED_FORM
 from pipeline.registry import champion
 from pipeline.training import train
 from pipeline.tuning.study import StudyMismatch
@@ -199,13 +200,14 @@ def test_gate_reads_validation_only_and_refuses_other_splits(tuned: Settings, mo
     seen = []
     real_gate = champion.gate
 
-    def spy(client, name, version, val, *args):
-        seen.append(val[0])
-        return real_gate(client, name, version, val, *args)
+    def spy(client, name, version, inputs, *args):
+        seen.append(inputs(SEED_FORM)[0])
+        return real_gate(client, name, version, inputs, *args)
 
     monkeypatch.setattr(champion, "gate", spy)
     first = train_best.run(tuned)
-    faces, split = train_best.study_split(tuned, train_best.load_best(tuned)[0].user_attrs)
+    attrs = train_best.load_best(tuned)[0].user_attrs
+    faces, split = train_best.study_split(tuned, attrs, SEED_FORM)
     # The gate saw exactly the validation faces: never a test row.
     assert np.array_equal(seen[0], faces.images[split.val])
     assert first["alias"] == "champion"

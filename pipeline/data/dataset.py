@@ -8,15 +8,19 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.data import labels, preprocess
+from pipeline.data import descriptor, labels, preprocess
+from pipeline.data.inputs import SEED_FORM, InputSpec, to_pixels
 from pipeline.errors import FaceoptError
 
 log = logging.getLogger(__name__)
@@ -26,7 +30,7 @@ CSV_COLUMNS = ("age", "ethnicity", "gender", "pixels")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # UTKFace names: <age>_<gender>_<race>_<datetime>.jpg[.chip.jpg]
 UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(.+)$")
-CACHE_VERSION = "1"  # bump when the decoded layout changes, so old caches are ignored
+CACHE_VERSION = "2"  # bump when the decoded layout changes, so old caches are ignored
 LABEL_RANGES = {
     "age": (0, labels.MAX_AGE),
     "ethnicity": (0, len(labels.ETHNICITIES) - 1),
@@ -40,7 +44,8 @@ class DataError(FaceoptError, ValueError):
 
 @dataclass(frozen=True)
 class FaceSet:
-    """Decoded faces: uint8 N x 48 x 48 plus one label array per field."""
+    """Decoded faces in one input form (uint8 N x 48 x 48 for the CSV; N x S x S or N x S x S x 3
+    from a folder) plus one label array per field."""
 
     images: np.ndarray
     age: np.ndarray
@@ -48,6 +53,12 @@ class FaceSet:
     gender: np.ndarray
     names: np.ndarray
     fingerprint: str  # sha256 of the source's content
+    # A folder's faces: the file of each row, and a key per row that is equal for byte-identical
+    # 48x48 grayscale conversions, so the split does not depend on the input form decoded.
+    files: np.ndarray | None = None
+    keys: np.ndarray | None = None
+    skipped: tuple[str, ...] = ()  # files left out: no labels in the name (or unreadable)
+    descriptors: np.ndarray | None = None  # float32 N x 128, when the input form has them
 
     def __len__(self) -> int:
         return len(self.images)
@@ -123,18 +134,30 @@ def missing_data_message(path: Path) -> str:
     )
 
 
-def load(path: Path, cache_dir: Path, skip_bad_rows: bool = False) -> FaceSet:
-    """Load a CSV(.gz) or UTKFace folder, from the cache when its content was decoded before."""
+def load(
+    path: Path, cache_dir: Path, skip_bad_rows: bool = False, spec: InputSpec = SEED_FORM
+) -> FaceSet:
+    """Load a CSV(.gz) or UTKFace folder in the input form `spec`, from the cache when its
+    content was decoded in that form before; face descriptors are cached beside the pixels."""
     path = Path(path)
     if not path.exists():
         raise DataError(missing_data_message(path))
+    if not path.is_dir() and spec.takes_chips:
+        raise DataError(
+            f"{path}: the Kaggle CSV holds 48x48 grayscale faces only; colour, other sizes and "
+            f"face descriptors ({spec.size} px {spec.colour}, {spec.features}) need a UTKFace "
+            "folder of the original photos: DATA=/path/to/UTKFace"
+        )
     digest = fingerprint(path)
-    cache = _cache_path(path, Path(cache_dir), digest, skip_bad_rows)
+    cache = _cache_path(path, Path(cache_dir), digest, skip_bad_rows, spec)
     if cache.exists():
         log.info("loading %s from cache %s", path, cache)
-        return _read_cache(cache, digest)
-    faces = _decode(path, digest, skip_bad_rows)
-    _write_cache(cache, faces)
+        faces = _read_cache(cache, digest)
+    else:
+        faces = _decode(path, digest, skip_bad_rows, spec)
+        _write_cache(cache, faces)
+    if spec.descriptor:
+        faces = replace(faces, descriptors=_descriptors(path, faces, cache.parent, skip_bad_rows))
     return faces
 
 
@@ -151,18 +174,39 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _decode(path: Path, digest: str, skip_bad_rows: bool) -> FaceSet:
+def _decode(path: Path, digest: str, skip_bad_rows: bool, spec: InputSpec) -> FaceSet:
     if path.is_dir():
-        return read_utkface(path, digest, skip_bad_rows)
+        return read_utkface(path, digest, skip_bad_rows, spec)
     return read_csv(path, digest, skip_bad_rows)
+
+
+def _descriptors(folder: Path, faces: FaceSet, cache_dir: Path, skip_bad_rows: bool) -> np.ndarray:
+    """dlib's descriptor of each face's chip file, computed once per folder content (every core,
+    a progress bar) and cached as float32 N x 128 beside the decoded pixels."""
+    skip = "-skip" if skip_bad_rows else ""
+    name = f"{folder.name}-{faces.fingerprint[:16]}-v{CACHE_VERSION}{skip}-descriptor.npy"
+    cache = cache_dir / name
+    if cache.exists():
+        found = np.load(cache, allow_pickle=False)
+        if len(found) == len(faces):
+            return found
+        log.warning("ignoring %s: %d rows, the faces have %d", cache, len(found), len(faces))
+    log.info("computing dlib face descriptors of %d faces (once; cached at %s)", len(faces), cache)
+    found = descriptor.for_files([folder / f for f in faces.files])
+    _atomic_write(cache, lambda f: np.save(f, found))
+    return found
 
 
 # --- cache -------------------------------------------------------------------------------------
 
 
-def _cache_path(path: Path, cache_dir: Path, digest: str, skip_bad_rows: bool) -> Path:
+def _cache_path(
+    path: Path, cache_dir: Path, digest: str, skip_bad_rows: bool, spec: InputSpec
+) -> Path:
     """Next to the source when that folder is writable (shared data often is not), else cache_dir."""
-    name = f"{path.name}-{digest[:16]}-v{CACHE_VERSION}{'-skip' if skip_bad_rows else ''}.npz"
+    form = f"-{spec.size}{spec.colour}" if path.is_dir() else ""
+    skip = "-skip" if skip_bad_rows else ""
+    name = f"{path.name}-{digest[:16]}-v{CACHE_VERSION}{form}{skip}.npz"
     beside = path.parent / ".faceopt-cache"
     # Write bits, not just os.access: root may write anywhere, but a folder without write bits
     # (like a shared, read-only data folder) is meant to stay untouched.
@@ -171,37 +215,37 @@ def _cache_path(path: Path, cache_dir: Path, digest: str, skip_bad_rows: bool) -
     return cache_dir / name
 
 
+ARRAYS = ("images", "age", "ethnicity", "gender", "names")
+FOLDER_ARRAYS = ("files", "keys", "skipped")
+
+
 def _read_cache(cache: Path, digest: str) -> FaceSet:
     with np.load(cache, allow_pickle=False) as z:
-        return FaceSet(
-            images=z["images"],
-            age=z["age"],
-            ethnicity=z["ethnicity"],
-            gender=z["gender"],
-            names=z["names"],
-            fingerprint=digest,
-        )
+        extra = {k: z[k] for k in FOLDER_ARRAYS if k in z}
+        if "skipped" in extra:
+            extra["skipped"] = tuple(str(n) for n in extra["skipped"])
+        return FaceSet(**{k: z[k] for k in ARRAYS}, fingerprint=digest, **extra)
 
 
 def _write_cache(cache: Path, faces: FaceSet) -> None:
+    arrays = {k: getattr(faces, k) for k in ARRAYS}
+    if faces.files is not None:
+        arrays |= {"files": faces.files, "keys": faces.keys, "skipped": np.array(faces.skipped)}
+    _atomic_write(cache, lambda f: np.savez(f, **arrays))
+    log.info("cached decoded faces at %s (%.0f MB)", cache, faces.images.nbytes / 2**20)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write atomically, so an interrupted run never leaves a half-written cache behind."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                images=faces.images,
-                age=faces.age,
-                ethnicity=faces.ethnicity,
-                gender=faces.gender,
-                names=faces.names,
-            )
-        os.replace(tmp, cache)
+            write(f)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log.info("cached decoded faces at %s", cache)
 
 
 # --- CSV ---------------------------------------------------------------------------------------
@@ -317,7 +361,7 @@ def _handle_problems(
 
     def where(r: int) -> str:
         line = f" (line {r + 2})" if unit == "row" else ""
-        return f"{source}: {unit} {r + 1}{line}, {names[r]!r}: {problems[r]}"
+        return f"{source}: {unit} {r + 1}{line}, '{names[r]}': {problems[r]}"
 
     if not skip:
         more = f" ... and {len(rows) - 1} more bad {unit}s." if len(rows) > 1 else ""
@@ -336,40 +380,56 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
 
 
-def read_utkface(folder: Path, digest: str = "", skip_bad_rows: bool = False) -> FaceSet:
-    """Decode <age>_<gender>_<race>_<date>.jpg files: labels from names, pixels as the CSV was made."""
+def read_utkface(
+    folder: Path, digest: str = "", skip_bad_rows: bool = False, spec: InputSpec = SEED_FORM
+) -> FaceSet:
+    """Decode <age>_<gender>_<race>_<date>.jpg files in the input form `spec` (the seed's form: as
+    the CSV was made), labels from the names. Files whose names lack a label (UTKFace's download
+    has three) are left out, counted and named; an unreadable image stops the load unless
+    skip_bad_rows."""
     files = image_files(folder)
     if not files:
         raise DataError(
             f"{folder}: no .jpg/.jpeg/.png files; expected UTKFace images named "
             "<age>_<gender>_<race>_<datetime>.jpg.chip.jpg"
         )
+    parsed = [utk_labels(f.name) for f in files]
+    unlabelled = [f.name for f, p in zip(files, parsed, strict=True) if isinstance(p, str)]
+    if unlabelled:
+        log.warning(
+            "left out %d of %d files in %s whose names have no <age>_<gender>_<race> labels: %s",
+            len(unlabelled),
+            len(files),
+            folder,
+            ", ".join(unlabelled[:20]) + (" ..." if len(unlabelled) > 20 else ""),
+        )
+    files = [f for f, p in zip(files, parsed, strict=True) if not isinstance(p, str)]
+    label_rows = np.array([p for p in parsed if not isinstance(p, str)], dtype=np.int64)
     names = np.array([f.name for f in files])
+    shape = (spec.size, spec.size) + ((3,) if spec.colour == "rgb" else ())
+    images = np.zeros((len(files), *shape), dtype=np.uint8)
+    keys = np.zeros(len(files), dtype="S16")
     problems: dict[int, str] = {}
-    label_rows = np.zeros((len(files), 3), dtype=np.int64)
-    for i, f in enumerate(files):
-        parsed = utk_labels(f.name)
-        if isinstance(parsed, str):
-            problems[i] = parsed
-        else:
-            label_rows[i] = parsed
-    images = np.zeros((len(files), preprocess.SIZE, preprocess.SIZE), dtype=np.uint8)
     # Pillow releases the GIL while decoding, so threads use every core.
     with ThreadPoolExecutor() as pool:
-        decoded = pool.map(_decode_image, files)
+        decoded = pool.map(lambda f: _decode_image(f, spec), files)
         for i, result in enumerate(tqdm(decoded, total=len(files), desc="decoding images")):
             if isinstance(result, str):
-                problems.setdefault(i, result)
+                problems[i] = result
             else:
-                images[i] = result
+                images[i], keys[i] = result
     keep = _handle_problems(folder, problems, names, skip_bad_rows, unit="file")
+    unreadable = tuple(names[~keep])
     return FaceSet(
         images=images[keep],
         age=label_rows[keep, 0].astype(np.int16),
         ethnicity=label_rows[keep, 2].astype(np.int8),
         gender=label_rows[keep, 1].astype(np.int8),
-        names=np.array([UTK_NAME.match(n)[4] if UTK_NAME.match(n) else n for n in names[keep]]),
+        names=np.array([UTK_NAME.match(n)[4] for n in names[keep]]),
         fingerprint=digest,
+        files=names[keep],
+        keys=keys[keep],
+        skipped=(*unlabelled, *unreadable),
     )
 
 
@@ -385,20 +445,31 @@ def utk_labels(name: str) -> tuple[int, int, int] | str:
     return age, gender, race
 
 
-def _decode_image(file: Path) -> np.ndarray | str:
+def _decode_image(file: Path, spec: InputSpec) -> tuple[np.ndarray, bytes] | str:
+    """The face in the input form, and the key of its 48x48 grayscale conversion."""
     try:
-        return preprocess.load_gray48(file)
+        with Image.open(file) as image:
+            gray48 = preprocess.to_gray48(image)
+            pixels = gray48 if not spec.takes_chips else to_pixels(image, spec)
     except Exception as e:  # Pillow raises many types for corrupt files
         return f"not a readable image ({type(e).__name__}: {e})"
+    return pixels, _key(gray48)
+
+
+def _key(image: np.ndarray) -> bytes:
+    return hashlib.blake2b(image.tobytes(), digest_size=16).digest()
 
 
 # --- split -------------------------------------------------------------------------------------
 
 
-def duplicate_groups(images: np.ndarray) -> np.ndarray:
-    """A group id per row; rows with byte-identical images share one."""
-    keys = [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images]
-    return np.unique(np.array(keys, dtype=object).astype("S16"), return_inverse=True)[1].ravel()
+def duplicate_groups(faces: FaceSet) -> np.ndarray:
+    """A group id per row; rows with byte-identical images (a folder: byte-identical 48x48
+    grayscale conversions, whatever form was decoded) share one."""
+    keys = faces.keys
+    if keys is None:
+        keys = np.array([_key(image) for image in faces.images], dtype="S16")
+    return np.unique(keys, return_inverse=True)[1].ravel()
 
 
 def _find_duplicates(
@@ -447,7 +518,7 @@ def split(
     Whole groups of byte-identical images are dealt out, so a copy of a test face is never a
     training face; a group goes with the stratum of its first row.
     """
-    group = duplicate_groups(faces.images)
+    group = duplicate_groups(faces)
     duplicates, keep = _find_duplicates(faces, group, drop_conflicting)
     bracket = labels.age_bracket(faces.age, edges)
     strata = np.ravel_multi_index(

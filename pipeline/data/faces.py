@@ -65,12 +65,14 @@ class ImageTooLarge(ImageError):
 @dataclass(frozen=True)
 class Face:
     """The 48x48 face, the detected box (None: no face found), and the region the chip was cut
-    from: a square (x, y, side, side) turned by `angle` degrees about its centre."""
+    from: a square (x, y, side, side) turned by `angle` degrees about its centre; when asked
+    for, also the 200x200 colour chip itself, as UTKFace's files hold it."""
 
     pixels: np.ndarray
     box: tuple[int, int, int, int] | None
     crop: tuple[int, int, int, int]
     angle: float = 0.0
+    chip: np.ndarray | None = None
 
     @property
     def answered(self) -> bool:
@@ -155,9 +157,21 @@ def _box(r: dlib.rectangle | dlib.drectangle) -> tuple[int, int, int, int]:
     )
 
 
-def chip(gray: Image.Image, box: dlib.rectangle) -> tuple[np.ndarray, tuple[int, ...], float]:
-    """The UTKFace-style chip of the face in `box` as 48x48 pixels, the square it was cut from
-    (in `gray`'s pixels) and that square's turn in degrees."""
+@dataclass(frozen=True)
+class Cut:
+    """One cut of a face: 48x48 pixels, the square it was cut from, its turn in degrees, and the
+    200x200 colour chip when a colour photo was given."""
+
+    pixels: np.ndarray
+    square: tuple[int, int, int, int]
+    angle: float
+    colour: np.ndarray | None = None
+
+
+def chip(gray: Image.Image, box: dlib.rectangle, colour: Image.Image | None = None) -> Cut:
+    """The UTKFace-style chip of the face in `box` as 48x48 pixels (and, from `colour`, the same
+    photo in RGB, as a 200x200 colour chip), the square it was cut from (in `gray`'s pixels) and
+    that square's turn in degrees."""
     scale = min(1.0, WORK_FACE / max(box.width(), 1))
     # Edge pixels repeated around the photo: where the chip reaches past it (a tight crop, a face
     # at the border) it gets the photo's own edge, not black (UTKFace cut from larger photos).
@@ -166,6 +180,10 @@ def chip(gray: Image.Image, box: dlib.rectangle) -> tuple[np.ndarray, tuple[int,
     corners = (box.left(), box.top(), box.right(), box.bottom())
     shape = landmark_model()(work, dlib.rectangle(*(round(v * scale) + margin for v in corners)))
     pixels = dlib.get_face_chip(work, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
+    in_colour = None
+    if colour is not None:  # the same cut of the RGB photo: the landmarks are the gray one's
+        rgb = np.pad(_scaled(colour, scale), ((margin, margin), (margin, margin), (0, 0)), "edge")
+        in_colour = dlib.get_face_chip(rgb, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
     cut = dlib.get_face_chip_details(shape, size=CHIP_SIZE, padding=CHIP_PADDING)
     x, y, w, h = _box(cut.rect)
     square = (
@@ -174,23 +192,25 @@ def chip(gray: Image.Image, box: dlib.rectangle) -> tuple[np.ndarray, tuple[int,
         round(w / scale),
         round(h / scale),
     )
-    return preprocess.to_gray48(Image.fromarray(pixels)), square, float(np.degrees(cut.angle))
+    pixels48 = preprocess.to_gray48(Image.fromarray(pixels))
+    return Cut(pixels48, square, float(np.degrees(cut.angle)), in_colour)
 
 
-def face_from_image(image: Image.Image, min_face: float) -> Face:
-    """Grayscale, find the face and cut it as UTKFace did; without a face, no answer (the centre
-    square is kept only to show what was looked at)."""
+def face_from_image(image: Image.Image, min_face: float, colour: bool = False) -> Face:
+    """Grayscale, find the face and cut it as UTKFace did (with `colour`, also the colour chip);
+    without a face, no answer (the centre square is kept only to show what was looked at)."""
     gray = image.convert("L")
+    rgb = image.convert("RGB") if colour else None
     box = detect(gray, min_face)
     if box is None:
         side = min(gray.size)
         left, top = (gray.width - side) // 2, (gray.height - side) // 2
         square = gray.crop((left, top, left + side, top + side))
         return Face(preprocess.to_gray48(square), None, (left, top, side, side))
-    pixels, square, angle = chip(gray, box)
-    if not covers(square, gray.size):
-        pixels, square, angle = recut(gray, square) or (pixels, square, angle)
-    return Face(pixels, _box(box), square, angle)
+    cut = chip(gray, box, rgb)
+    if not covers(cut.square, gray.size):
+        cut = recut(gray, cut.square, rgb) or cut
+    return Face(cut.pixels, _box(box), cut.square, cut.angle, cut.colour)
 
 
 def covers(square: tuple[int, ...], size: tuple[int, int]) -> bool:
@@ -201,42 +221,54 @@ def covers(square: tuple[int, ...], size: tuple[int, int]) -> bool:
     return max(abs(e) for e in edges) <= ALREADY_CUT * side
 
 
-def recut(gray: Image.Image, square: tuple[int, ...]) -> tuple[np.ndarray, tuple, float] | None:
+def recut(
+    gray: Image.Image, square: tuple[int, ...], colour: Image.Image | None = None
+) -> Cut | None:
     """The face cut again from its first cut's square, brought to the dataset crops' size, as if
     that square were the uploaded photo; None when no face is found there. The first landmarks
     come from a box found at the detector's coarser scale for a small face, and are sometimes off;
     on a square framed like a UTKFace crop the detector and landmarks see what they saw on the
     crops themselves, so a face in a larger photo comes out as its crop would."""
-    x, y, side, _ = square
-    inside = gray.crop(
-        (max(x, 0), max(y, 0), min(x + side, gray.width), min(y + side, gray.height))
-    )
-    # Past the photo's border, its edge repeated (as chip() does), not black.
-    pad = (
-        (max(-y, 0), max(y + side - gray.height, 0)),
-        (max(-x, 0), max(x + side - gray.width, 0)),
-    )
-    framed = Image.fromarray(np.pad(np.asarray(inside), pad, mode="edge"))
-    if side != CHIP_SIZE:
-        framed = framed.resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR)
+    framed = _framed(gray, square)
     box = detect(framed, COARSE)
     if box is None:
         return None
-    pixels, (ix, iy, iside, _), angle = chip(framed, box)
+    cut = chip(framed, box, _framed(colour, square) if colour is not None else None)
+    x, y, side, _ = square
+    ix, iy, iside, _ = cut.square
     scale = side / CHIP_SIZE
     back = round(iside * scale)
-    return pixels, (round(x + ix * scale), round(y + iy * scale), back, back), angle
+    square = (round(x + ix * scale), round(y + iy * scale), back, back)
+    return Cut(cut.pixels, square, cut.angle, cut.colour)
 
 
-def face_from_upload(raw: bytes, max_pixels: int, min_face: float) -> Face:
-    """What the service does with one uploaded file: decode, find the face, cut it, 48x48. The
-    boxes are in the uploaded photo's pixels, also when it was decoded at a reduced scale."""
+def _framed(image: Image.Image, square: tuple[int, ...]) -> Image.Image:
+    """The square of `image`, past its border its edge repeated (as chip() does, not black),
+    at the dataset crops' size."""
+    x, y, side, _ = square
+    inside = image.crop(
+        (max(x, 0), max(y, 0), min(x + side, image.width), min(y + side, image.height))
+    )
+    pad = [
+        (max(-y, 0), max(y + side - image.height, 0)),
+        (max(-x, 0), max(x + side - image.width, 0)),
+    ] + [(0, 0)] * (len(image.getbands()) > 1)
+    framed = Image.fromarray(np.pad(np.asarray(inside), pad, mode="edge"))
+    if side != CHIP_SIZE:
+        framed = framed.resize((CHIP_SIZE, CHIP_SIZE), Image.BILINEAR)
+    return framed
+
+
+def face_from_upload(raw: bytes, max_pixels: int, min_face: float, colour: bool = False) -> Face:
+    """What the service does with one uploaded file: decode, find the face, cut it, 48x48 (and
+    with `colour` the 200x200 colour chip). The boxes are in the uploaded photo's pixels, also
+    when it was decoded at a reduced scale."""
     image, scale = decode(raw, max_pixels)
-    face = face_from_image(image, min_face)
+    face = face_from_image(image, min_face, colour)
     if scale == 1:
         return face
 
     def up(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         return tuple(round(v * scale) for v in box)
 
-    return Face(face.pixels, face.box and up(face.box), up(face.crop), face.angle)
+    return Face(face.pixels, face.box and up(face.box), up(face.crop), face.angle, face.chip)

@@ -8,19 +8,33 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.data import preprocess
+from pipeline.data import descriptor
+from pipeline.data.inputs import SEED_FORM, InputSpec
 
 
 class FaceNet(nn.Module):
-    """Shared body -> features -> logits for age bracket, ethnicity and gender."""
+    """Pixels through `body` and the face descriptor through `branch` (either may be absent),
+    joined, through `trunk` -> features -> logits for age bracket, ethnicity and gender."""
 
-    def __init__(self, body: nn.Module, features: int, classes: dict[str, int]):
+    def __init__(
+        self,
+        body: nn.Module | None,
+        features: int,
+        classes: dict[str, int],
+        branch: nn.Module | None = None,
+        trunk: nn.Module | None = None,
+    ):
         super().__init__()
         self.body = body
+        self.branch = branch
+        self.trunk = trunk or nn.Identity()  # no parameters: a pixels-only net keeps its keys
         self.heads = nn.ModuleDict({name: nn.Linear(features, n) for name, n in classes.items()})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.body(x)
+    def forward(self, x: torch.Tensor | None, d: torch.Tensor | None = None) -> dict:
+        parts = [self.body(x)] if self.body is not None else []
+        if self.branch is not None:
+            parts.append(self.branch(d))
+        z = self.trunk(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
         return {name: head(z) for name, head in self.heads.items()}
 
 
@@ -32,39 +46,75 @@ class Ensemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        outs = [member(x) for member in self.members]
+    def forward(self, x: torch.Tensor | None, d: torch.Tensor | None = None) -> dict:
+        outs = [member(x, d) for member in self.members]
         return {head: torch.stack([o[head].float() for o in outs]).mean(0) for head in outs[0]}
 
 
-def build(params: dict, classes: dict[str, int], members: int = 1) -> nn.Module:
-    """The network for `params` (from space.suggest or a logged run) with `classes` outputs per
-    head; with members > 1, an Ensemble of that many such networks."""
+def input_spec(params: dict, form: InputSpec = SEED_FORM) -> InputSpec:
+    """The input form of a network of `params` in a study whose faces come in `form`: the trial
+    chose its features (pixels, descriptor or both); params without one are pixels-only."""
+    return form.with_features(params.get("features", "pixels"))
+
+
+def build(
+    params: dict, classes: dict[str, int], members: int = 1, spec: InputSpec = SEED_FORM
+) -> nn.Module:
+    """The network for `params` (from space.suggest or a logged run) on inputs of form `spec`,
+    with `classes` outputs per head; with members > 1, an Ensemble of that many such networks."""
     if members > 1:
-        return Ensemble([build(params, classes) for _ in range(members)])
+        return Ensemble([build(params, classes, 1, spec) for _ in range(members)])
     arch = params.get("arch", "mlp")
     if arch == "mlp":
-        body, features = _mlp_body(params)
+        net = _mlp_net(params, classes, spec)
     elif arch == "cnn":
-        body, features = _cnn_body(params)
+        net = _cnn_net(params, classes, spec)
     else:
         raise ValueError(f"unknown arch {arch!r} in params; expected 'mlp' or 'cnn'")
-    net = FaceNet(body, features, classes)
-    if arch == "cnn":
+    if spec.pixels and arch == "cnn":
         # oneDNN's convolutions are about 20% faster on CPU in channels-last; cuDNN's with AMP too.
         net = net.to(memory_format=torch.channels_last)
     return net
 
 
-def _mlp_body(params: dict) -> tuple[nn.Module, int]:
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = preprocess.SIZE * preprocess.SIZE
+def _mlp_layers(params: dict, width: int) -> tuple[list[nn.Module], int]:
+    """The seed's fully connected layers over `width` inputs."""
+    layers: list[nn.Module] = []
     for i in range(params["num_fc_layers"]):
         out = params[f"fc_output_feat_{i}"]
         layers += [nn.Linear(width, out), nn.ReLU(), nn.Dropout(params[f"fc_dropout_{i}"])]
         width = out
     layers += [nn.Linear(width, params["last_fc"]), nn.ReLU()]
-    return nn.Sequential(*layers), params["last_fc"]
+    return layers, params["last_fc"]
+
+
+def _mlp_net(params: dict, classes: dict[str, int], spec: InputSpec) -> FaceNet:
+    """The seed's MLP over the flattened pixels, the descriptor, or both joined."""
+    pixels = spec.size * spec.size * spec.channels
+    if spec.features == "pixels":  # the seed's layout (and its state_dict keys)
+        layers, features = _mlp_layers(params, pixels)
+        return FaceNet(nn.Sequential(nn.Flatten(), *layers), features, classes)
+    if spec.features == "descriptor":
+        layers, features = _mlp_layers(params, descriptor.DIM)
+        return FaceNet(None, features, classes, branch=nn.Sequential(*layers))
+    layers, features = _mlp_layers(params, pixels + descriptor.DIM)
+    return FaceNet(
+        nn.Flatten(), features, classes, branch=nn.Identity(), trunk=nn.Sequential(*layers)
+    )
+
+
+def _cnn_net(params: dict, classes: dict[str, int], spec: InputSpec) -> FaceNet:
+    """Conv body on the pixels, a fully connected branch on the descriptor, or both side by side."""
+    body, features = _cnn_body(params, spec) if spec.pixels else (None, 0)
+    branch = None
+    if spec.descriptor:
+        hidden = params.get("descriptor_fc", 0)  # 0: the descriptor as it is
+        branch = nn.Identity()
+        if hidden:
+            layers = [nn.Linear(descriptor.DIM, hidden), nn.ReLU()]
+            branch = nn.Sequential(*layers, nn.Dropout(params.get("descriptor_dropout", 0.0)))
+        features += hidden or descriptor.DIM
+    return FaceNet(body, features, classes, branch=branch)
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -88,12 +138,12 @@ class Residual(nn.Module):
         return torch.relu(self.body(x) + self.skip(x))
 
 
-def _cnn_body(params: dict) -> tuple[nn.Module, int]:
+def _cnn_body(params: dict, spec: InputSpec) -> tuple[nn.Module, int]:
     """Stem, then `stages` stages of `blocks` blocks each (width doubling, 2x2 max pooling after
     each), global average pooling, dropout and an optional hidden layer."""
     width = params["width"]
-    layers: list[nn.Module] = [*_conv_bn(1, width), nn.ReLU()]
-    side = preprocess.SIZE
+    layers: list[nn.Module] = [*_conv_bn(spec.channels, width), nn.ReLU()]
+    side = spec.size
     if params["stem_pool"]:
         layers.append(nn.MaxPool2d(2))
         side //= 2

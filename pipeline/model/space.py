@@ -9,6 +9,7 @@ from functools import partial
 import optuna
 
 from pipeline.data import labels
+from pipeline.data.inputs import FEATURES
 from pipeline.errors import SettingError
 
 OPTIMIZERS = ("Adam", "Adadelta", "RMSprop", "SGD", "MADGRAD")
@@ -16,8 +17,9 @@ BATCH_SIZES = (32, 64, 128, 256)
 CNN_OPTIMIZERS = ("AdamW", "SGD")
 
 
-def suggest_mlp(trial: optuna.Trial) -> dict:
-    """The original experiment's fully connected space, with its parameter names."""
+def suggest_mlp(trial: optuna.Trial, features: str = "pixels") -> dict:
+    """The original experiment's fully connected space, with its parameter names, over the
+    flattened pixels, the 128-D face descriptor, or both joined."""
     params: dict = {"arch": "mlp", "num_fc_layers": trial.suggest_int("num_fc_layers", 4, 8)}
     for i in range(params["num_fc_layers"]):
         params[f"fc_output_feat_{i}"] = trial.suggest_int(f"fc_output_feat_{i}", 8, 64)
@@ -44,23 +46,21 @@ CNN_RANGES = {
 }
 
 
-def suggest_cnn(trial: optuna.Trial, ranges: CnnRanges = CNN_RANGES["cnn"]) -> dict:
-    """Conv stages of plain or residual blocks with batch norm, and the training recipe:
-    augmentation, label smoothing, weight decay, LR schedule and a loss weight per head."""
-    params: dict = {
-        "arch": "cnn",
-        "width": trial.suggest_categorical("width", list(ranges.widths)),
-        "stages": trial.suggest_int("stages", *ranges.stages),
-        "blocks": trial.suggest_int("blocks", *ranges.blocks),
-        "block": trial.suggest_categorical("block", ["plain", "residual"]),
-        "stem_pool": trial.suggest_categorical("stem_pool", list(ranges.stem_pool)),
-        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
-        "last_fc": trial.suggest_categorical("last_fc", [0, 64, 128, 256]),  # 0: no hidden layer
-        # Aligned faces: mirror images are faces, small shifts and tilts are how crops differ.
-        "flip": trial.suggest_categorical("flip", [True, False]),
-        "shift": trial.suggest_int("shift", 0, 4),  # pixels
-        "rotate": trial.suggest_float("rotate", 0.0, 15.0),  # degrees
-        "jitter": trial.suggest_float("jitter", 0.0, 0.2),  # brightness and contrast
+def suggest_cnn(
+    trial: optuna.Trial, ranges: CnnRanges = CNN_RANGES["cnn"], features: str = "pixels"
+) -> dict:
+    """Conv stages of plain or residual blocks with batch norm on the pixels, a fully connected
+    branch on the face descriptor (when the trial's features have them), and the training
+    recipe: augmentation, label smoothing, weight decay, LR schedule and a loss weight per head."""
+    params: dict = {"arch": "cnn"}
+    if features != "pixels":
+        # 0: the descriptor joins the conv features as it is
+        params["descriptor_fc"] = trial.suggest_categorical("descriptor_fc", [0, 128, 256])
+        if params["descriptor_fc"]:
+            params["descriptor_dropout"] = trial.suggest_float("descriptor_dropout", 0.0, 0.5)
+    if features != "descriptor":
+        params |= _suggest_conv(trial, ranges)
+    params |= {
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
         "weight_decay": trial.suggest_float("weight_decay", 1e-5, 5e-2, log=True),
         "schedule": trial.suggest_categorical("schedule", ["onecycle", "cosine"]),
@@ -77,6 +77,24 @@ def suggest_cnn(trial: optuna.Trial, ranges: CnnRanges = CNN_RANGES["cnn"]) -> d
     }
 
 
+def _suggest_conv(trial: optuna.Trial, ranges: CnnRanges) -> dict:
+    """The conv body and the augmentation of its pixels."""
+    return {
+        "width": trial.suggest_categorical("width", list(ranges.widths)),
+        "stages": trial.suggest_int("stages", *ranges.stages),
+        "blocks": trial.suggest_int("blocks", *ranges.blocks),
+        "block": trial.suggest_categorical("block", ["plain", "residual"]),
+        "stem_pool": trial.suggest_categorical("stem_pool", list(ranges.stem_pool)),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
+        "last_fc": trial.suggest_categorical("last_fc", [0, 64, 128, 256]),  # 0: no hidden layer
+        # Aligned faces: mirror images are faces, small shifts and tilts are how crops differ.
+        "flip": trial.suggest_categorical("flip", [True, False]),
+        "shift": trial.suggest_int("shift", 0, 4),  # pixels
+        "rotate": trial.suggest_float("rotate", 0.0, 15.0),  # degrees
+        "jitter": trial.suggest_float("jitter", 0.0, 0.2),  # brightness and contrast
+    }
+
+
 def _suggest_optimizer(trial: optuna.Trial) -> dict:
     return {
         "optimizer": trial.suggest_categorical("optimizer", list(OPTIMIZERS)),
@@ -85,14 +103,21 @@ def _suggest_optimizer(trial: optuna.Trial) -> dict:
     }
 
 
-SPACES: dict[str, Callable[[optuna.Trial], dict]] = {
+SPACES: dict[str, Callable[..., dict]] = {
     "mlp": suggest_mlp,
     **{name: partial(suggest_cnn, ranges=ranges) for name, ranges in CNN_RANGES.items()},
 }
 
 
-def suggest(trial: optuna.Trial, space: str) -> dict:
-    """Params for one trial of the named space."""
+def suggest(trial: optuna.Trial, space: str, features: str = "pixels") -> dict:
+    """Params for one trial of the named space on the study's `features` (pixels, descriptor,
+    both, or search: the trial chooses among them)."""
     if space not in SPACES:
         raise SettingError(f"unknown search space {space!r}; expected one of {sorted(SPACES)}")
-    return SPACES[space](trial)
+    if features == "search":
+        features = trial.suggest_categorical("features", list(FEATURES))
+    elif features not in FEATURES:
+        raise SettingError(f"unknown features {features!r}; expected one of {FEATURES} or search")
+    params = SPACES[space](trial, features=features)
+    # Pixels-only params stay as they were before features existed.
+    return params if features == "pixels" else params | {"features": features}

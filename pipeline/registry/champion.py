@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import mlflow
 import numpy as np
@@ -11,6 +12,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.data import labels
+from pipeline.data.inputs import SEED_FORM, InputSpec
+
+# The validation faces in a version's input form, and their descriptors when it takes them.
+Inputs = Callable[[InputSpec], tuple[np.ndarray, np.ndarray | None]]
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +34,14 @@ def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
         raise
 
 
-def validation_accuracy(uri: str, faces: np.ndarray, truth: dict[str, np.ndarray], metric: str):
-    """A registered version's accuracy on the study's metric, through its own pyfunc."""
-    found = mlflow.pyfunc.load_model(uri).unwrap_python_model().probabilities(faces)
+def validation_accuracy(uri: str, inputs: Inputs, truth: dict[str, np.ndarray], metric: str):
+    """A registered version's accuracy on the study's metric, through its own pyfunc, on the
+    validation faces in the form it was trained on."""
+    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    if hasattr(model, "probabilities_of"):
+        found = model.probabilities_of(*inputs(model.spec))
+    else:  # a version's own code from before input forms: 48x48 grayscale only
+        found = model.probabilities(inputs(SEED_FORM)[0])
     acc = {head: float((found[head].argmax(1) == truth[head]).mean()) for head in labels.HEADS}
     return float(np.mean(list(acc.values()))) if metric == "mean" else acc[metric]
 
@@ -40,7 +50,8 @@ def gate(
     client: MlflowClient,
     name: str,
     version: str,
-    val: tuple[np.ndarray, dict[str, np.ndarray]],
+    inputs: Inputs,
+    truth: dict[str, np.ndarray],
     metric: str,
     data_key: tuple[str, str],
     promote: bool,
@@ -62,8 +73,8 @@ def gate(
         )
         alias = CHALLENGER
     else:
-        new = validation_accuracy(f"models:/{name}/{version}", *val, metric)
-        old = validation_accuracy(f"models:/{name}/{current.version}", *val, metric)
+        new = validation_accuracy(f"models:/{name}/{version}", inputs, truth, metric)
+        old = validation_accuracy(f"models:/{name}/{current.version}", inputs, truth, metric)
         alias = CHAMPION if new >= old else CHALLENGER
         log.info(
             "validation %s accuracy: version %s %.4f, champion v%s %.4f -> %s",

@@ -7,10 +7,9 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 
-from pipeline.data.preprocess import SIZE
+from pipeline.data.inputs import SEED_FORM, InputSpec
 from pipeline.model import network
 from pipeline.registry import pyfunc
 
@@ -25,6 +24,7 @@ def log_and_register(
     name: str,
     precision: str = "fp32",
     flip_average: bool = False,
+    spec: InputSpec = SEED_FORM,
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Log the pyfunc (weights, params, labels, temperatures, preprocessing) on run `run_id` and
     register it. The one place faceopt uses MLflow's fluent API: model logging has no client
@@ -39,7 +39,9 @@ def log_and_register(
         members = len(net.members) if isinstance(net, network.Ensemble) else 1
         meta.write_text(
             json.dumps(
-                pyfunc.metadata(params, edges, temperatures, precision, flip_average, members),
+                pyfunc.metadata(
+                    params, edges, temperatures, precision, flip_average, members, spec
+                ),
                 indent=2,
             )
         )
@@ -52,8 +54,8 @@ def log_and_register(
                 python_model=str(Path(pyfunc.__file__).with_name("pyfunc_entry.py")),
                 artifacts={"weights": str(weights), "meta": str(meta)},
                 code_paths=[str(Path(pipeline.__file__).parent)],
-                signature=pyfunc.signature(edges),
-                input_example=np.full((1, SIZE, SIZE), 128, dtype=np.uint8),
+                signature=pyfunc.signature(edges, spec),
+                input_example=pyfunc.example(spec),
                 pip_requirements=pyfunc.requirements(),
             )
     return mlflow.register_model(info.model_uri, name)

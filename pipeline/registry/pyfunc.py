@@ -15,16 +15,19 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from pipeline.data import labels, preprocess
+from pipeline.data import descriptor, inputs, labels
+from pipeline.data.inputs import SEED_FORM, InputSpec
 from pipeline.model import network
 from pipeline.training import calibrate, train
 
 # The layout of meta.json and weights.pt this code writes, and the ones it reads (versions
 # registered before the field existed are faceopt/1). A change that older code would misread
 # gets a new name: faceopt/2 added `flip_average`, which faceopt/1 readers would ignore;
-# faceopt/3 added `members` (an ensemble's weights), which faceopt/2 readers could not load.
-FORMAT = "faceopt/3"
-READS = ("faceopt/1", "faceopt/2", "faceopt/3")
+# faceopt/3 added `members` (an ensemble's weights), which faceopt/2 readers could not load;
+# faceopt/4 an input description with colour and face descriptors, whose versions take chips.
+FORMAT = "faceopt/4"
+READS = ("faceopt/1", "faceopt/2", "faceopt/3", "faceopt/4")
+CHIP = 200  # the side of UTKFace's chips and of the service's cut (pipeline.data.faces)
 
 
 def metadata(
@@ -34,6 +37,7 @@ def metadata(
     precision: str = "fp32",
     flip_average: bool = False,
     members: int = 1,
+    spec: InputSpec = SEED_FORM,
 ) -> dict:
     """Everything serving needs to rebuild the network and reproduce preprocessing, labels and
     calibrated probabilities (softmax of logits / temperature, per head, the logits averaged
@@ -48,12 +52,7 @@ def metadata(
         "age_edges": list(edges),
         "temperatures": {head: 1.0 for head in labels.HEADS} | (temperatures or {}),
         "classes": {head: list(names) for head, names in labels.class_names(edges).items()},
-        "input": {
-            "size": preprocess.SIZE,
-            "mode": "L",
-            "mean": preprocess.MEAN,
-            "std": preprocess.STD,
-        },
+        "input": spec.to_meta(),
     }
 
 
@@ -104,26 +103,50 @@ def requirements() -> list[str]:
     providers = importlib_metadata.packages_distributions()
     dists = set()
     for module in imported_modules():
-        if module not in providers:
+        found = providers.get(module) or _installing(module)
+        if not found:
             raise RuntimeError(
                 f"the model's code imports {module!r}, which no installed package provides"
             )
-        dists.update(providers[module])
+        dists.update(found)
     return sorted(f"{dist}=={importlib_metadata.version(dist).split('+')[0]}" for dist in dists)
 
 
-def signature(edges: tuple[int, ...]) -> ModelSignature:
-    size = preprocess.SIZE
+def input_shape(spec: InputSpec) -> tuple[int, ...]:
+    """What a version takes: 48x48 grayscale faces (the seed's form), else colour chips (square,
+    UTKFace's 200x200 as the folder and the service give them)."""
+    return (-1, -1, -1, 3) if spec.takes_chips else (-1, spec.size, spec.size)
+
+
+def example(spec: InputSpec) -> np.ndarray:
+    shape = (1, CHIP, CHIP, 3) if spec.takes_chips else (1, spec.size, spec.size)
+    return np.full(shape, 128, dtype=np.uint8)
+
+
+def _installing(module: str) -> list[str]:
+    """Distributions whose files hold `module` when their top_level.txt does not name it
+    (dlib-bin names only its extension, _dlib_pybind11, not the dlib package it also installs)."""
+    paths = {f"{module}/__init__.py", f"{module}.py"}
+    return [
+        dist.metadata["Name"]
+        for dist in importlib_metadata.distributions()
+        if any(str(f) in paths for f in dist.files or ())
+    ]
+
+
+def signature(edges: tuple[int, ...], spec: InputSpec = SEED_FORM) -> ModelSignature:
     outputs = [ColSpec("string", head) for head in labels.HEADS]
     for head, names in labels.class_names(edges).items():
         outputs += [ColSpec("double", f"{head}:{name}") for name in names]
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size))]), outputs=Schema(outputs)
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), input_shape(spec))]),
+        outputs=Schema(outputs),
     )
 
 
 class FaceModel(PythonModel):
-    """uint8 N x 48 x 48 faces -> per head the label and every class probability."""
+    """Faces in the version's input form (uint8 N x 48 x 48 grayscale, or N x S x S x 3 colour
+    chips) -> per head the label and every class probability."""
 
     def load_context(self, context) -> None:
         self.load(Path(context.artifacts["meta"]), Path(context.artifacts["weights"]))
@@ -145,20 +168,39 @@ class FaceModel(PythonModel):
         stored = len({key.split(".")[1] for key in state if key.startswith("members.")}) or 1
         if members != stored:
             raise ValueError(f"meta.json names {members!r} members, weights.pt holds {stored}")
-        self.net = network.build(self.meta["params"], classes, members)
+        self.spec = InputSpec.from_meta(self.meta["input"])
+        self.net = network.build(self.meta["params"], classes, members, self.spec)
         self.net.load_state_dict(state)
         self.net = network.fold_batch_norm(self.net.eval())
 
-    @torch.inference_mode()
+    @property
+    def takes_chips(self) -> bool:
+        return self.spec.takes_chips
+
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Per head, calibrated class probabilities of faces in the version's input form: the
+        48x48 grayscale faces themselves, or colour chips from which this derives its pixels
+        and face descriptors exactly as training did."""
+        if not self.spec.takes_chips:
+            return self.probabilities_of(images, None)
+        chips = np.asarray(images, dtype=np.uint8)
+        pixels = inputs.chips_to_pixels(chips, self.spec) if self.spec.pixels else None
+        found = descriptor.compute(chips) if self.spec.descriptor else None
+        return self.probabilities_of(pixels, found)
+
+    @torch.inference_mode()
+    def probabilities_of(
+        self, pixels: np.ndarray | None, descriptors: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
+        """Per head, calibrated class probabilities of inputs already in the version's form:
+        pixels as the spec has them, and descriptors (N x 128) when it uses them."""
         # The normalisation stored with the model, not today's constants.
-        x = preprocess.to_model_input(
-            np.ascontiguousarray(images, dtype=np.uint8),  # a view (a mirror, a crop) too
-            self.meta["input"]["mean"],
-            self.meta["input"]["std"],
-        )
+        x = None
+        if self.spec.pixels:  # a view (a mirror, a crop) too
+            x = inputs.pixel_tensor(np.ascontiguousarray(pixels, dtype=np.uint8), self.spec)
+        d = inputs.descriptor_tensor(descriptors, self.spec) if self.spec.descriptor else None
         logits = train.predict_logits(
-            self.net, x, flip_average=self.meta.get("flip_average", False)
+            self.net, x, flip_average=self.meta.get("flip_average", False), d=d
         )
         # Models from before calibration have no temperatures: plain softmax.
         temperatures = self.meta.get("temperatures", {})
@@ -170,8 +212,14 @@ class FaceModel(PythonModel):
     # The hint (a type MLflow infers no schema from) keeps MLflow quiet; the signature is explicit.
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         images = np.asarray(model_input)
-        size = self.meta["input"]["size"]
-        if images.ndim != 3 or images.shape[1:] != (size, size):
+        if self.spec.takes_chips:
+            if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
+                raise ValueError(
+                    f"expected colour face chips of shape (N, {CHIP}, {CHIP}, 3) (any square "
+                    f"side), got {images.shape}"
+                )
+        elif images.ndim != 3 or images.shape[1:] != (self.spec.size, self.spec.size):
+            size = self.spec.size
             raise ValueError(f"expected faces of shape (N, {size}, {size}), got {images.shape}")
         probs = self.probabilities(images)
         columns: dict[str, object] = {}

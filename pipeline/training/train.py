@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data import labels, preprocess
+from pipeline.data import inputs, labels
 from pipeline.data.dataset import FaceSet
+from pipeline.data.inputs import SEED_FORM, InputSpec
 from pipeline.errors import SettingError
 from pipeline.model import augment
 
@@ -26,13 +27,19 @@ OnEpoch = Callable[[int, dict[str, float]], bool | None]
 
 @dataclass
 class Tensors:
-    """Model inputs and one target vector per head, already on the training device."""
+    """Model inputs (pixels x, descriptors d: either may be absent) and one target vector per
+    head, already on the training device."""
 
-    x: torch.Tensor
+    x: torch.Tensor | None
     y: dict[str, torch.Tensor]
+    d: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(next(iter(self.y.values())))
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.y.values())).device
 
 
 @dataclass(frozen=True)
@@ -105,16 +112,30 @@ def seed_everything(seed: int) -> None:
 
 
 def to_tensors(
-    faces: FaceSet, rows: np.ndarray, edges: tuple[int, ...], device: torch.device
+    faces: FaceSet,
+    rows: np.ndarray,
+    edges: tuple[int, ...],
+    device: torch.device,
+    spec: InputSpec = SEED_FORM,
 ) -> Tensors:
-    """Normalised inputs and targets for `rows`, moved to `device` once."""
+    """Normalised inputs of the form `spec` and targets for `rows`, moved to `device` once."""
     targets = faces.targets(rows, edges)
-    x = preprocess.to_model_input(faces.images[rows])
-    if device.type == "cuda":  # one pinned, asynchronous copy; the set then stays on the GPU
-        x = x.pin_memory()
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":  # one pinned, asynchronous copy; the set then stays on the GPU
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    x = moved(inputs.pixel_tensor(faces.images[rows], spec)) if spec.pixels else None
+    d = None
+    if spec.descriptor:
+        if faces.descriptors is None:
+            raise SettingError("these faces were loaded without face descriptors")
+        d = moved(inputs.descriptor_tensor(faces.descriptors[rows], spec))
     return Tensors(
-        x=x.to(device, non_blocking=True),
+        x=x,
         y={head: torch.as_tensor(t, dtype=torch.long).to(device) for head, t in targets.items()},
+        d=d,
     )
 
 
@@ -240,7 +261,7 @@ def fit_epochs(
     recipe = Recipe(
         Loss.from_params(params),
         augment.Policy.from_params(params),
-        precision.scaler(train.x.device),
+        precision.scaler(train.device),
     )
     schedule = make_schedule(optimizer, params, steps)
     shuffle = torch.Generator().manual_seed(seed)
@@ -264,16 +285,17 @@ def train_epoch(
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
     """One pass in shuffled mini-batches (augmented, stepping the schedule); the mean loss."""
-    device = data.x.device
+    device = data.device
     scaler = recipe.scaler or precision.scaler(device)
     model.train()
     order = torch.randperm(len(data), generator=generator).to(device)
     total = torch.zeros((), device=device)
     for start in range(0, len(data), batch_size):
         rows = order[start : start + batch_size]
-        x = augment.augment(data.x[rows], recipe.policy)
+        x = augment.augment(data.x[rows], recipe.policy) if data.x is not None else None
+        d = data.d[rows] if data.d is not None else None
         with precision.autocast(device):
-            loss = recipe.loss(model(x), {h: y[rows] for h, y in data.y.items()})
+            loss = recipe.loss(model(x, d), {h: y[rows] for h, y in data.y.items()})
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # a pass-through unless fp16
         scaler.step(optimizer)
@@ -287,21 +309,30 @@ def train_epoch(
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, x: torch.Tensor, precision: Precision = FP32, flip_average: bool = False
+    model: nn.Module,
+    x: torch.Tensor | None,
+    precision: Precision = FP32,
+    flip_average: bool = False,
+    d: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """fp32 logits per head, computed in chunks so a large set fits in memory. With
-    flip_average, the mean of the logits of each face and of its mirror image."""
+    """fp32 logits per head from pixels `x` and/or descriptors `d`, computed in chunks so a large
+    set fits in memory. With flip_average, the mean of the logits of each face and of its mirror
+    image (the mirror's pixels; a descriptor is its face's, mirrored or not)."""
     model.eval()
+    n = len(x) if x is not None else len(d)
 
-    def forward(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = model(chunk)
-        if not flip_average:
+    def part(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+        return t[i : i + EVAL_BATCH] if t is not None else None
+
+    def forward(i: int) -> dict[str, torch.Tensor]:
+        out = model(part(x, i), part(d, i))
+        if not flip_average or x is None:
             return out
-        mirrored = model(chunk.flip(-1))
+        mirrored = model(part(x, i).flip(-1), part(d, i))
         return {head: (out[head].float() + mirrored[head].float()) / 2 for head in out}
 
-    with precision.autocast(x.device):
-        chunks = [forward(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+    with precision.autocast((x if x is not None else d).device):
+        chunks = [forward(i) for i in range(0, n, EVAL_BATCH)]
     return {head: torch.cat([c[head] for c in chunks]).float() for head in chunks[0]}
 
 
@@ -317,7 +348,7 @@ def accuracies(logits: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> d
 
 def evaluate(model: nn.Module, data: Tensors, precision: Precision = FP32) -> dict[str, float]:
     """Validation loss and accuracy of each head, plus their mean accuracy."""
-    logits = predict_logits(model, data.x, precision)
+    logits = predict_logits(model, data.x, precision, d=data.d)
     return {"val_loss": multitask_loss(logits, data.y).item(), **accuracies(logits, data.y)}
 
 

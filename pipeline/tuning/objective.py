@@ -12,6 +12,7 @@ import optuna
 
 from pipeline.config import Settings
 from pipeline.data import labels
+from pipeline.data.inputs import SEED_FORM, InputSpec
 from pipeline.model import network, space
 from pipeline.tracking import runs
 from pipeline.training import train
@@ -51,22 +52,25 @@ def make_objective(
     val_set: train.Tensors,
     logger: runs.TrialLogger,
     precision: train.Precision = train.FP32,
+    form: InputSpec = SEED_FORM,
 ) -> Callable[[optuna.Trial], float]:
-    """Objective: suggest params, build, train; report every epoch and stop when pruned."""
+    """Objective: suggest params, build, train; report every epoch and stop when pruned. The
+    faces come in `form`; each trial's network takes the inputs its params choose."""
     key = train.metric_key(settings.metric)
     classes = labels.num_classes(settings.age_edges)
-    device = train_set.x.device
+    device = train_set.device
 
     def objective(trial: optuna.Trial) -> float:
         run_id = logger.start(trial)
         try:
             stop_if_interrupted()
-            params = space.suggest(trial, settings.space)
+            params = space.suggest(trial, settings.space, settings.features)
             logger.log_params(run_id, params)
             seed = settings.seed + trial.number
             trial.set_user_attr("seed", seed)  # train-best retrains with the same one
             train.seed_everything(seed)
-            net = network.build(params, classes).to(device)
+            spec = network.input_spec(params, form)
+            net = network.build(params, classes, spec=spec).to(device)
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 stop_if_interrupted()

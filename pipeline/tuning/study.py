@@ -13,6 +13,7 @@ from optuna.storages import BaseStorage
 from pipeline import storage
 from pipeline.config import Settings
 from pipeline.data import dataset
+from pipeline.data.inputs import InputSpec
 from pipeline.errors import FaceoptError
 from pipeline.model import space
 from pipeline.tuning import samplers
@@ -20,7 +21,19 @@ from pipeline.tuning import samplers
 # Recorded on the study when it is created; a later run on the same study must agree, so that
 # trials stay comparable and train-best rebuilds exactly the split the study selected on.
 # Epochs too: a trial's schedule spans its epochs, so trials of other lengths are not comparable.
-STUDY_ATTRS = ("data_fingerprint", "split_digest", "space", "metric", "age_edges", "epochs")
+STUDY_ATTRS = (
+    "data_fingerprint",
+    "split_digest",
+    "space",
+    "metric",
+    "age_edges",
+    "epochs",
+    "input_size",
+    "colour",
+    "features",
+)
+# What a study made before an attribute existed had.
+ATTR_DEFAULTS = {"input_size": 48, "colour": "gray", "features": "pixels"}
 LIBRARIES = ("torch", "optuna", "mlflow", "numpy", "scikit-optimize", "madgrad", "faceopt")
 
 
@@ -44,6 +57,9 @@ def study_attrs(settings: Settings, faces: dataset.FaceSet, split: dataset.Split
         "metric": settings.metric,
         "age_edges": list(settings.age_edges),
         "epochs": settings.epochs,
+        "input_size": settings.input_size,
+        "colour": settings.colour,
+        "features": settings.features,
         # Not checked on resume; train-best takes them when it is not told (make tune && make
         # train-best retrains what was just tuned, whatever DATA and PRESET tune had).
         "data": str(settings.data),
@@ -73,19 +89,20 @@ def open_study(
             study.set_user_attr(key, value)
     else:  # a resumed one: the setup must be the same
         for key in STUDY_ATTRS:
-            if recorded.get(key) != attrs[key]:
+            had = recorded.get(key, ATTR_DEFAULTS.get(key))
+            if had != attrs[key]:
                 raise StudyMismatch(
                     f"study {settings.study!r} in {storage.redact(settings.storage)} was created "
-                    f"with {key}={recorded.get(key)!r}, this run has {attrs[key]!r}; use the same "
+                    f"with {key}={had!r}, this run has {attrs[key]!r}; use the same "
                     "settings to add trials to it, or a new STUDY name"
                 )
     if settings.enqueue:
-        for params in read_enqueue(settings.enqueue, settings.space):
+        for params in read_enqueue(settings.enqueue, settings.space, settings.features):
             study.enqueue_trial(params, skip_if_exists=True)
     return study
 
 
-def read_enqueue(path: Path, space_name: str) -> list[dict]:
+def read_enqueue(path: Path, space_name: str, features: str = "pixels") -> list[dict]:
     """Trial params to try first, from a JSON object or list of objects; each must be a complete
     point of the space (what the space would ask for, its conditional params included)."""
     try:
@@ -99,14 +116,23 @@ def read_enqueue(path: Path, space_name: str) -> list[dict]:
         raise EnqueueError(f"{path}: expected a JSON object of trial params, or a list of them")
     for i, params in enumerate(points):
         try:
-            space.suggest(optuna.trial.FixedTrial(params), space_name)
+            space.suggest(optuna.trial.FixedTrial(params), space_name, features)
         except ValueError as e:  # FixedTrial's "parameter 'lr' is not contained in the trial"
             raise EnqueueError(f"{path}: point {i} is not one of space {space_name!r}: {e}") from e
     return points
 
 
+def data_form(attrs: dict) -> InputSpec:
+    """The form a study's faces are loaded in: every input its trials may take (features
+    search: pixels and descriptors both), from the study's attributes."""
+    get = {key: attrs.get(key, default) for key, default in ATTR_DEFAULTS.items()}
+    features = "both" if get["features"] == "search" else get["features"]
+    return InputSpec(get["input_size"], get["colour"], features)
+
+
 def load_data(settings: Settings) -> tuple[dataset.FaceSet, dataset.Split, dict]:
-    faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows)
+    form = data_form(settings.model_dump(include=set(ATTR_DEFAULTS)))
+    faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows, form)
     split = dataset.split(
         faces,
         settings.age_edges,
