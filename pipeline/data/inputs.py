@@ -103,10 +103,15 @@ def chips_to_pixels(chips: np.ndarray, spec: InputSpec) -> np.ndarray:
 def pixel_tensor(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 N x S x S (gray) or N x S x S x 3 (rgb) -> float32 N x C x S x S, normalised by the
     spec's constants (fixed, not dataset statistics, so a version needs no extra state)."""
-    x = torch.as_tensor(images)
+    x = torch.as_tensor(_writable(images))
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return (x.float() / 255.0 - spec.mean) / spec.std
 
 
 def descriptor_tensor(descriptors: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    return torch.as_tensor(descriptors, dtype=torch.float32) * spec.descriptor_scale
+    return torch.as_tensor(_writable(descriptors), dtype=torch.float32) * spec.descriptor_scale
+
+
+def _writable(a: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """torch warns on read-only arrays (a decoded image's view); those are copied."""
+    return a.copy() if isinstance(a, np.ndarray) and not a.flags.writeable else a
