@@ -46,6 +46,21 @@ PRESETS: dict[str, dict] = {
         "patience": 15,
     },
 }
+# On a UTKFace folder a preset also sees the whole face: the chip in colour, and each trial chooses
+# its pixels, dlib's pretrained face descriptor of the same chip, or both (the CSV keeps the
+# recipe above).
+FOLDER_PRESETS: dict[str, dict] = {
+    "cpu": {"input_size": 64, "colour": "rgb", "features": "search"},
+    "gpu": {"input_size": 96, "colour": "rgb", "features": "search"},
+}
+
+
+def preset_values(name: str, data: object) -> dict:
+    """What preset `name` brings for `data` (a UTKFace folder or the CSV)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    folder = data is not None and Path(str(data)).is_dir()
+    return PRESETS[name] | (FOLDER_PRESETS[name] if folder else {})
 
 
 class Settings(BaseSettings):
@@ -160,10 +175,8 @@ class Settings(BaseSettings):
     @classmethod
     def _apply_preset(cls, values: object) -> object:
         if isinstance(values, dict) and values.get("preset"):
-            name = values["preset"]
-            if name not in PRESETS:
-                raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-            return PRESETS[name] | values
+            data = values.get("data", cls.model_fields["data"].default)
+            return preset_values(values["preset"], data) | values
         return values
 
     @field_validator("workers", mode="before")

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 from pipeline import storage
-from pipeline.config import PRESETS, Settings
+from pipeline.config import PRESETS, Settings, preset_values
 from pipeline.data import dataset, labels
 from pipeline.data.inputs import SEED_FORM, InputSpec
 from pipeline.errors import FaceoptError
@@ -64,7 +64,8 @@ def for_study(settings: Settings) -> Settings:
         updates["data"] = Path(attrs["data"])
     preset = attrs.get("preset")
     if "preset" not in given and preset in PRESETS:
-        updates |= {k: PRESETS[preset][k] for k in ("train_epochs", "patience") if k not in given}
+        brought = preset_values(preset, updates.get("data", settings.data))
+        updates |= {k: brought[k] for k in ("train_epochs", "patience") if k not in given}
     if updates != {"study": settings.study}:
         log.info("train-best: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
     return settings.model_copy(update=updates)
