@@ -86,7 +86,7 @@ def test_descriptor_of_a_chip_agrees_between_training_and_the_service(tmp_path: 
     face the same descriptor within SAME_CHIP; the service's 48x48 face stays what it was."""
     chip = tmp_path / "35_0_0_20170101000000000.jpg.chip.jpg"
     chip.write_bytes(jpeg(astronaut_face()))
-    trained = descriptor.for_files([chip], workers=1)
+    trained = descriptor.for_files([chip])
     cut = faces.face_from_upload(chip.read_bytes(), 50_000_000, 0.15, colour=True)
     assert cut.chip.shape == (200, 200, 3)
     served = descriptor.compute([cut.chip])
@@ -104,7 +104,7 @@ def test_descriptor_paths_agree_on_real_photos() -> None:
     files = sorted((REAL_DATA / "utkface_sample").glob("*.jpg"))[:30]
     if not files:
         pytest.skip("no ../shared/data/utkface_sample")
-    trained = descriptor.for_files(files, workers=1)
+    trained = descriptor.for_files(files)
     cuts = [faces.face_from_upload(f.read_bytes(), 50_000_000, 0.15, colour=True) for f in files]
     assert all(c.chip is not None for c in cuts)
     distance = np.linalg.norm(trained - descriptor.compute([c.chip for c in cuts]), axis=1)

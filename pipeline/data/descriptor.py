@@ -5,41 +5,44 @@ The network was trained on dlib face chips of 150x150 pixels at padding 0.25; UT
 the service's) are the same 68-landmark chips at padding 0.2. The descriptor's chip is therefore the
 given chip with a margin of its edge pixels widening it to padding 0.25, resized to 150x150: one
 function for the training folder and for a served photo, so both meet the same input.
+
+The network runs in torch (pipeline.data.dlibnet reads dlib's own weights); dlib's implementation
+is kept as the reference it is tested against.
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import os
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dlib
 import face_recognition_models
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-DIM = 128
-NET_SIZE = 150  # the network's input side
+from pipeline.data import dlibnet
+
+DIM = dlibnet.DIM
+NET_SIZE = dlibnet.SIZE  # the network's input side
 NET_PADDING = 0.25  # dlib's compute_face_descriptor default
 CHIP_PADDING = 0.2  # UTKFace's chips and the service's cut (pipeline.data.faces)
-CHUNK = 64  # chips per task of the process pool
+CHUNK = 64  # chips per forward pass
 _lock = threading.Lock()
-_compute_lock = threading.Lock()
-_net: dlib.face_recognition_model_v1 | None = None
+_net: dlibnet.DlibFaceNet | None = None
+_reference: dlib.face_recognition_model_v1 | None = None
 
 
-def net() -> dlib.face_recognition_model_v1:
-    """The descriptor network, loaded once per process."""
+def net() -> dlibnet.DlibFaceNet:
+    """The descriptor network in torch (dlibnet: dlib's weights, its arithmetic to 1e-6), loaded
+    once per process: about 15x faster than dlib-bin's own, which runs one face at a time on one
+    core (bench/results/descriptor-*.md)."""
     global _net
     with _lock:
         if _net is None:
-            _net = dlib.face_recognition_model_v1(
-                face_recognition_models.face_recognition_model_location()
-            )
+            _net = dlibnet.load()
     return _net
 
 
@@ -51,41 +54,48 @@ def net_chip(chip: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(wide).resize((NET_SIZE, NET_SIZE), Image.BILINEAR))
 
 
+def _net_chips(chips) -> np.ndarray:
+    return np.stack([net_chip(np.asarray(c, dtype=np.uint8)) for c in chips])
+
+
+@torch.inference_mode()
 def compute(chips: np.ndarray | list[np.ndarray]) -> np.ndarray:
     """float32 N x 128 descriptors of N square RGB chips (uint8 H x W x 3)."""
-    if len(chips) == 0:
-        return np.zeros((0, DIM), dtype=np.float32)
-    batch = [np.ascontiguousarray(net_chip(np.asarray(c, dtype=np.uint8))) for c in chips]
-    model = net()
-    with _compute_lock:  # one network, whose buffers are not safe to share between threads
-        found = model.compute_face_descriptor(batch)
+    out = np.zeros((len(chips), DIM), dtype=np.float32)
+    for start in range(0, len(chips), CHUNK):
+        x = dlibnet.to_input(_net_chips(chips[start : start + CHUNK]))
+        out[start : start + CHUNK] = net()(x).numpy()
+    return out
+
+
+def reference(chips: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """The same descriptors computed by dlib itself (slow): what the port is checked against."""
+    global _reference
+    with _lock:
+        if _reference is None:
+            _reference = dlib.face_recognition_model_v1(
+                face_recognition_models.face_recognition_model_location()
+            )
+        found = _reference.compute_face_descriptor(list(_net_chips(chips)))
     return np.asarray([np.asarray(d) for d in found], dtype=np.float32)
 
 
-def read_chip(file: Path) -> np.ndarray:
+def read_chip(file: Path | object) -> np.ndarray:
     with Image.open(file) as image:
         return np.asarray(image.convert("RGB"))
 
 
-def _for_chunk(files: list[Path]) -> np.ndarray:
-    return compute([read_chip(f) for f in files])
-
-
-def for_files(files: list[Path], workers: int | None = None) -> np.ndarray:
-    """Descriptors of chip files, computed in `workers` processes (default: one per core): dlib
-    holds the GIL while it runs, so threads would not help."""
-    workers = workers or os.cpu_count() or 1
-    chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
+def for_files(files: list[Path]) -> np.ndarray:
+    """Descriptors of chip files, with a progress bar: decoded by threads (Pillow releases the
+    GIL), computed in batches on torch's threads."""
     out = np.zeros((len(files), DIM), dtype=np.float32)
-    # spawn: a forked child of a process that has run torch's thread pools can hang
-    pool = (
-        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        if workers > 1
-        else contextlib.nullcontext()
-    )
-    with pool, tqdm(total=len(files), desc="face descriptors", unit="face") as bar:
-        parts = pool.map(_for_chunk, chunks) if workers > 1 else map(_for_chunk, chunks)
-        for i, part in enumerate(parts):
-            out[i * CHUNK : i * CHUNK + len(part)] = part
-            bar.update(len(part))
+    chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
+    with (
+        ThreadPoolExecutor(2) as pool,
+        tqdm(total=len(files), desc="face descriptors", unit="face") as bar,
+    ):
+        decoded = pool.map(lambda chunk: [read_chip(f) for f in chunk], chunks)
+        for i, chips in enumerate(decoded):
+            out[i * CHUNK : i * CHUNK + len(chips)] = compute(chips)
+            bar.update(len(chips))
     return out
