@@ -113,5 +113,5 @@ $(PEERS_VENV)/bin/.installed: pyproject.toml
 	$(PEERS_VENV)/bin/pip install -q -e ".[dev,peers]"
 	touch $@
 
-bench-serve: setup ## our service vs `mlflow models serve` of the champion: requests/s, p50/p99, accuracy
-	$(BIN)/python -m bench.serve
+bench-serve: setup ## our service vs `mlflow models serve` of the champion: requests/s, p50/p99, accuracy (BASELINE=<tracking URI>)
+	$(BIN)/python -m bench.serve $(call flag,BASELINE,baseline)

@@ -115,10 +115,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--photos", type=Path, required=True)
     parser.add_argument("--version", default="champion", help="alias or version number")
+    parser.add_argument("--no-save", action="store_true", help="print only (tests)")
     args = parser.parse_args()
     text = compare(Settings(), args.photos, args.version)
     print(text)
-    save("peers", text)
+    if not args.no_save:
+        save("peers", text)
 
 
 if __name__ == "__main__":

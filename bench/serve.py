@@ -1,9 +1,12 @@
 """`make bench-serve`: our service against `mlflow models serve` of the same registered version.
 
 Both run as real server processes on this machine in the same run. Ours gets one 200x200 JPEG
-per request (decode, face crop, network); MLflow's gets the already-preprocessed 48x48 input,
-which favours it. Prints requests/s and p50/p99 latency at each concurrency, and the ratio; with
---samples, also the served champion's accuracy on a folder of labelled UTKFace JPEGs over HTTP.
+per request (decode, face crop, network); MLflow's gets the already-preprocessed input (the 48x48
+face, or the colour chip of a version that takes chips), which favours it. Prints requests/s and
+p50/p99 latency at each concurrency, and the ratio; with --samples, also the served champion's
+accuracy on a folder of labelled UTKFace JPEGs over HTTP. With --baseline (another tracking
+store, e.g. one whose champion is a 48x48 grayscale version), our service serves that store's
+champion too, with the same requests, and the ratio of the two is printed.
 """
 
 from __future__ import annotations
@@ -154,12 +157,16 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=Path("../shared/data/utkface_sample"))
     parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--baseline", help="tracking URI of a store whose champion to compare")
     args = parser.parse_args()
     settings = Settings()
     require_champion(settings)
     samples = args.samples if args.samples.is_dir() else None
     photo = jpeg_200(next(iter(sorted(samples.glob("*.jpg")))) if samples else None)
-    face = faces.face_from_upload(photo, settings.max_pixels, settings.min_face).pixels
+    cut = faces.face_from_upload(photo, settings.max_pixels, settings.min_face, colour=True)
+    _, model = evaluate.resolve(settings, settings.alias)
+    face = cut.chip if getattr(model, "takes_chips", False) else cut.pixels
+    what = "colour chip" if getattr(model, "takes_chips", False) else "48x48"
     mlflow_body = json.dumps({"inputs": face[None].tolist()})
     # mlflow models serve execs `uvicorn` by name: the venv's bin must be on PATH.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -182,16 +189,19 @@ def main() -> None:
                 for scale in (1.0, 2.0)
             ]
         files = [("files", ("face.jpg", photo, "image/jpeg"))]
-        measure(
-            "faceopt /predict (JPEG)",
-            httpx.Request("POST", f"http://127.0.0.1:{ours}/predict", files=files),
-        )
+        predict = httpx.Request("POST", f"http://127.0.0.1:{ours}/predict", files=files)
+        measure("faceopt /predict (JPEG)", predict)
+    if args.baseline:
+        baseline_env = env | {"MLFLOW_TRACKING_URI": args.baseline}
+        log = tmp / "baseline.log"
+        with server_process(ours_cmd, f"http://127.0.0.1:{ours}/ready", baseline_env, log):
+            measure(f"baseline /predict (JPEG; {redact(args.baseline)})", predict)
     model_uri = f"models:/{settings.model_name}@{settings.alias}"
     theirs_cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
     theirs_cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(theirs)]
     with server_process(theirs_cmd, f"http://127.0.0.1:{theirs}/ping", env, tmp / "mlflow.log"):
         measure(
-            "mlflow models serve (48x48 JSON)",
+            f"mlflow models serve ({what} JSON)",
             httpx.Request(
                 "POST",
                 f"http://127.0.0.1:{theirs}/invocations",
@@ -216,6 +226,9 @@ def report(rows: list, levels: list[int], served: list[dict], model_uri: str) ->
     by = {(name.split()[0], c): r["rps"] for name, c, r in rows}
     lines += ["", "| concurrency | faceopt / mlflow requests/s |", "| --- | --- |"]
     lines += [f"| {c} | {by[('faceopt', c)] / by[('mlflow', c)]:.2f}x |" for c in levels]
+    if any(("baseline", c) in by for c in levels):
+        lines += ["", "| concurrency | faceopt / baseline requests/s |", "| --- | --- |"]
+        lines += [f"| {c} | {by[('faceopt', c)] / by[('baseline', c)]:.2f} |" for c in levels]
     for acc in served:
         where = (
             "as they are" if acc["scale"] == 1 else f"each in a photo {acc['scale']:g}x its size"
