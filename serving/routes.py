@@ -76,6 +76,7 @@ async def model_info(model: ModelDep) -> schemas.ModelInfo:
         test_metrics=metrics,
         labels=model.classes,
         age_edges=model.model.meta["age_edges"],
+        input=model.model.spec.to_meta(),
     )
 
 

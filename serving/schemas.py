@@ -49,6 +49,8 @@ class ModelInfo(ModelRef):
     test_metrics: dict[str, float]
     labels: dict[str, list[str]]
     age_edges: list[int]
+    # What the network eats: size, colour, features (pixels, descriptor, both), normalisation.
+    input: dict[str, int | float | str]
 
 
 class Status(BaseModel):

@@ -192,6 +192,7 @@ def test_a_gray_and_a_descriptor_version_served_side_by_side(
             loaded = client.app.state.store.current
             r = client.post("/predict", files=[upload("a.jpg", photo)])
             assert r.status_code == 200, r.text
+            assert client.get("/model").json()["input"] == loaded.model.spec.to_meta()
             answers[settings.model_name] = (loaded, r.json()["predictions"][0])
     gray, gray_answer = answers["faces"]
     desc, desc_answer = answers["faces-descriptor"]
