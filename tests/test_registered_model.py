@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Settings
+from pipeline.registry import pyfunc
 
 ROOT = Path(__file__).resolve().parents[1]
 FACES = np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8)
@@ -105,7 +106,6 @@ def test_requirements_name_every_package_the_model_code_imports(registered: Sett
     files.append(code / "pipeline" / "registry" / "pyfunc_entry.py")
     imported = set().union(*(_imports(f) for f in files)) - set(sys.stdlib_module_names)
     imported -= {"pipeline", "__future__"}
-    providers = metadata.packages_distributions()
     required = {
         line.split("==")[0].lower()
         for line in (local / "requirements.txt").read_text().split()
@@ -113,7 +113,7 @@ def test_requirements_name_every_package_the_model_code_imports(registered: Sett
     }
     assert {"pillow", "torch", "numpy", "mlflow"} <= required
     for module in imported:
-        assert {d.lower() for d in providers[module]} & required, (module, required)
+        assert {d.lower() for d in pyfunc.providers(module)} & required, (module, required)
     for line in (local / "requirements.txt").read_text().split():
         name, version = line.split("==")
         assert version == metadata.version(name).split("+")[0]  # the installed version

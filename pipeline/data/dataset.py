@@ -181,8 +181,8 @@ def _decode(path: Path, digest: str, skip_bad_rows: bool, spec: InputSpec) -> Fa
 
 
 def _descriptors(folder: Path, faces: FaceSet, cache_dir: Path, skip_bad_rows: bool) -> np.ndarray:
-    """dlib's descriptor of each face's chip file, computed once per folder content (every core,
-    a progress bar) and cached as float32 N x 128 beside the decoded pixels."""
+    """dlib's face descriptor of each face's chip file, computed once per folder content (with a
+    progress bar) and cached as float32 N x 128 beside the decoded pixels."""
     skip = "-skip" if skip_bad_rows else ""
     name = f"{folder.name}-{faces.fingerprint[:16]}-v{CACHE_VERSION}{skip}-descriptor.npy"
     cache = cache_dir / name
@@ -191,7 +191,7 @@ def _descriptors(folder: Path, faces: FaceSet, cache_dir: Path, skip_bad_rows: b
         if len(found) == len(faces):
             return found
         log.warning("ignoring %s: %d rows, the faces have %d", cache, len(found), len(faces))
-    log.info("computing dlib face descriptors of %d faces (once; cached at %s)", len(faces), cache)
+    log.info("computing face descriptors of %d faces (once; cached at %s)", len(faces), cache)
     found = descriptor.for_files([folder / f for f in faces.files])
     _atomic_write(cache, lambda f: np.save(f, found))
     return found

@@ -100,10 +100,9 @@ def imported_modules(entry: tuple[str, ...] = ENTRY_MODULES) -> set[str]:
 def requirements() -> list[str]:
     """pip requirements of the logged model: each distribution that provides a module its code
     imports, pinned to the installed version (a local build tag such as +cpu dropped)."""
-    providers = importlib_metadata.packages_distributions()
     dists = set()
     for module in imported_modules():
-        found = providers.get(module) or _installing(module)
+        found = providers(module)
         if not found:
             raise RuntimeError(
                 f"the model's code imports {module!r}, which no installed package provides"
@@ -123,9 +122,13 @@ def example(spec: InputSpec) -> np.ndarray:
     return np.full(shape, 128, dtype=np.uint8)
 
 
-def _installing(module: str) -> list[str]:
-    """Distributions whose files hold `module` when their top_level.txt does not name it
-    (dlib-bin names only its extension, _dlib_pybind11, not the dlib package it also installs)."""
+def providers(module: str) -> list[str]:
+    """The installed distributions that provide top-level `module`: by their top_level.txt, or
+    else by their files (dlib-bin names only its extension, _dlib_pybind11, there, not the dlib
+    package it also installs)."""
+    found = importlib_metadata.packages_distributions().get(module)
+    if found:
+        return found
     paths = {f"{module}/__init__.py", f"{module}.py"}
     return [
         dist.metadata["Name"]
