@@ -17,6 +17,7 @@ from pipeline import train_best, tune
 from pipeline.config import Settings
 from pipeline.data import dataset, descriptor, faces, inputs, labels
 from pipeline.data.inputs import SEED_FORM, InputSpec
+from pipeline.evaluate import in_a_photo
 from pipeline.model import network, space
 from pipeline.registry import pyfunc
 from serving.app import create_app
@@ -97,6 +98,12 @@ def test_descriptor_of_a_chip_agrees_between_training_and_the_service(tmp_path: 
     assert np.linalg.norm(trained - other) > 3 * SAME_CHIP
     gray = faces.face_from_upload(chip.read_bytes(), 50_000_000, 0.15)
     assert gray.chip is None and np.array_equal(gray.pixels, cut.pixels)
+    # In a photo twice its size the face is found, cut twice (recut) in gray and in colour alike.
+    photo = in_a_photo(chip.read_bytes(), 2.0)
+    wide = faces.face_from_upload(photo, 50_000_000, 0.15, colour=True)
+    wide_gray = faces.face_from_upload(photo, 50_000_000, 0.15)
+    assert np.array_equal(wide.pixels, wide_gray.pixels) and wide.crop == wide_gray.crop
+    assert np.linalg.norm(trained - descriptor.compute([wide.chip])) < 2 * SAME_CHIP
 
 
 @pytest.mark.integration
