@@ -37,8 +37,8 @@ _reference: dlib.face_recognition_model_v1 | None = None
 
 def net() -> dlibnet.DlibFaceNet:
     """The descriptor network in torch (dlibnet: dlib's weights, its arithmetic to 1e-6), loaded
-    once per process: about 15x faster than dlib-bin's own, which runs one face at a time on one
-    core (bench/results/descriptor-*.md)."""
+    once per process: 7-12x faster than dlib-bin's own on one thread (python -m bench.descriptor,
+    bench/results/descriptor-20261201-180426.md)."""
     global _net
     with _lock:
         if _net is None:
