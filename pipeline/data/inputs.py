@@ -9,7 +9,7 @@ at another size, and through dlib's pretrained 128-D face descriptor of the same
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -65,7 +65,7 @@ class InputSpec:
         return (self.size, self.colour, self.features) != (preprocess.SIZE, "gray", "pixels")
 
     def with_features(self, features: str) -> InputSpec:
-        return InputSpec(self.size, self.colour, features, self.mean, self.std)
+        return replace(self, features=features)
 
     def to_meta(self) -> dict:
         return asdict(self) | {"mode": MODES[self.colour]}
