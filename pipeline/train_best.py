@@ -149,11 +149,17 @@ def study_split(
 
 
 def validation_inputs(
-    settings: Settings, split: dataset.Split, spec: InputSpec
+    settings: Settings,
+    split: dataset.Split,
+    loaded: tuple[InputSpec, dataset.FaceSet],
+    spec: InputSpec,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The validation faces in the input form `spec` (a version's own), and their descriptors
-    when it takes them: each version is judged on what it was trained to see."""
-    faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows, spec)
+    when it takes them: each version is judged on what it was trained to see. The faces already
+    `loaded` serve their own form; another form is read from its cache."""
+    form, faces = loaded
+    if spec != form:
+        faces = dataset.load(settings.data, settings.cache_dir, settings.skip_bad_rows, spec)
     return faces.images[split.val], (faces.descriptors[split.val] if spec.descriptor else None)
 
 
@@ -481,7 +487,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
             client,
             settings.model_name,
             version.version,
-            functools.partial(validation_inputs, settings, split),
+            functools.partial(validation_inputs, settings, split, (spec, faces)),
             faces.targets(split.val, edges),
             metric,
             data_key,
