@@ -52,7 +52,7 @@ PARAMS = {
     **{f"fc_output_feat_{i}": 48 for i in range(6)},
     **{f"fc_dropout_{i}": 0.2 for i in range(6)},
 }
-# The CPU preset's best network of the README (width 32, 3 stages of 2 residual blocks, AdamW
+# The CPU preset's best network (docs/tuning.md) (width 32, 3 stages of 2 residual blocks, AdamW
 # lr 0.012 one-cycle, batch 64); the recipe's other values fixed mid-range.
 CNN = {
     "arch": "cnn",

@@ -1,4 +1,4 @@
-"""The README's screenshots, from a real browser (Debian's chromium) on real server processes:
+"""The documentation's screenshots, from a real browser (Debian's chromium) on real server processes:
 optuna-dashboard on a study, and the MLflow UI's experiment, train-best run, system metrics and
 registry pages, all on this folder's stores (FACEOPT_* settings as for any command).
 

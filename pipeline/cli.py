@@ -426,7 +426,7 @@ def parser() -> argparse.ArgumentParser:
         "--host",
         default="127.0.0.1",
         help="address to bind: 127.0.0.1 (default) serves this host only; 0.0.0.0 opens it to "
-        "the network, which should then sit behind MLflow's basic-auth app (see README Security)",
+        "the network, which should then sit behind MLflow's basic-auth app (see docs/serving.md, Security)",
     )
     server.add_argument("--port", type=int, default=5000)
     server.add_argument(

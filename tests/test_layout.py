@@ -1,4 +1,4 @@
-"""The Code map's import rules (README): each package imports only the ones before it."""
+"""The Code map's import rules (docs/development.md): each package imports only the ones before it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-# What each part may import of ours (besides itself); the README's Code map says the same.
+# What each part may import of ours (besides itself); docs/development.md's Code map says the same.
 ALLOWED = {
     "config": set(),
     "storage": set(),
