@@ -245,7 +245,7 @@ def test_an_ensemble_answers_with_its_members_mean_logits(tmp_path) -> None:
 
     temperatures = {"age": 1.5, "ethnicity": 0.8, "gender": 1.2}
     meta = pyfunc.metadata(params, (0, 3, 18, 45, 64, 116), temperatures, members=3)
-    assert meta["format"] == "faceopt/4" and meta["members"] == 3
+    assert meta["format"] == "faceopt/5" and meta["members"] == 3
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     torch.save(ensemble.state_dict(), tmp_path / "weights.pt")
     model = pyfunc.FaceModel()

@@ -58,7 +58,7 @@ class FaceSet:
     files: np.ndarray | None = None
     keys: np.ndarray | None = None
     skipped: tuple[str, ...] = ()  # files left out: no labels in the name (or unreadable)
-    descriptors: np.ndarray | None = None  # float32 N x 128, when the input form has them
+    descriptors: np.ndarray | None = None  # float32 N x D face features, when the form has them
 
     def __len__(self) -> int:
         return len(self.images)
@@ -157,7 +157,12 @@ def load(
         faces = _decode(path, digest, skip_bad_rows, spec)
         _write_cache(cache, faces)
     if spec.descriptor:
-        faces = replace(faces, descriptors=_descriptors(path, faces, cache.parent, skip_bad_rows))
+        faces = replace(
+            faces,
+            descriptors=_descriptors(
+                path, faces, cache.parent, skip_bad_rows, spec.descriptor_kind
+            ),
+        )
     return faces
 
 
@@ -180,19 +185,22 @@ def _decode(path: Path, digest: str, skip_bad_rows: bool, spec: InputSpec) -> Fa
     return read_csv(path, digest, skip_bad_rows)
 
 
-def _descriptors(folder: Path, faces: FaceSet, cache_dir: Path, skip_bad_rows: bool) -> np.ndarray:
-    """dlib's face descriptor of each face's chip file, computed once per folder content (with a
-    progress bar) and cached as float32 N x 128 beside the decoded pixels."""
+def _descriptors(
+    folder: Path, faces: FaceSet, cache_dir: Path, skip_bad_rows: bool, kind: str
+) -> np.ndarray:
+    """The pretrained face features (`kind`, see pipeline.data.descriptor) of each face's chip
+    file, computed once per folder content (with a progress bar) and cached as float32 N x D
+    beside the decoded pixels."""
     skip = "-skip" if skip_bad_rows else ""
-    name = f"{folder.name}-{faces.fingerprint[:16]}-v{CACHE_VERSION}{skip}-descriptor.npy"
+    name = f"{folder.name}-{faces.fingerprint[:16]}-v{CACHE_VERSION}{skip}-{kind}.npy"
     cache = cache_dir / name
     if cache.exists():
         found = np.load(cache, allow_pickle=False)
-        if len(found) == len(faces):
+        if found.shape == (len(faces), descriptor.dim(kind)):
             return found
-        log.warning("ignoring %s: %d rows, the faces have %d", cache, len(found), len(faces))
-    log.info("computing face descriptors of %d faces (once; cached at %s)", len(faces), cache)
-    found = descriptor.for_files([folder / f for f in faces.files])
+        log.warning("ignoring %s: shape %s, the faces have %d", cache, found.shape, len(faces))
+    log.info("computing face features of %d faces (once; cached at %s)", len(faces), cache)
+    found = descriptor.for_files([folder / f for f in faces.files], kind)
     _atomic_write(cache, lambda f: np.save(f, found))
     return found
 

@@ -85,6 +85,9 @@ BLOCKS: list[tuple[int, bool]] = (
     + [(256, True)] + [(256, False)] * 2
     + [(256, True)]
 )  # fmt: skip
+# the last block of each level from 64 channels up (the final one feeds the fc layer)
+LEVEL_ENDS = (6, 9, 12, 13)
+STAGES_DIM = 64 + 128 + 256 + 256 + DIM
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,10 +418,23 @@ class DlibFaceNet(nn.Module):
         self.loss = parsed.loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self._trunk(x)[-1]).float()
+
+    def stages(self, x: torch.Tensor) -> torch.Tensor:
+        """N x STAGES_DIM: the mean over the face of each resolution level's last block (64, 128,
+        256 and 256 channels), then the 128-D descriptor. The descriptor is trained to ignore
+        what does not tell one person from another (age among it); the levels below keep more."""
+        pooled = self._trunk(x)
+        return torch.cat([*pooled, self.fc(pooled[-1])], 1).float()
+
+    def _trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = F.max_pool2d(F.relu(self.stem(x)), 3, 2)
-        for block in self.blocks:
+        pooled = []
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return self.fc(x.mean(dim=(2, 3))).float()
+            if i in LEVEL_ENDS:
+                pooled.append(x.mean(dim=(2, 3)))
+        return pooled
 
 
 def to_input(chips: np.ndarray, avg_rgb: tuple[float, float, float] = AVG_RGB) -> torch.Tensor:
@@ -455,4 +471,14 @@ def load(
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-__all__ = ["AVG_RGB", "DlibFaceNet", "FormatError", "Layer", "Parsed", "load", "parse", "to_input"]
+__all__ = [
+    "AVG_RGB",
+    "STAGES_DIM",
+    "DlibFaceNet",
+    "FormatError",
+    "Layer",
+    "Parsed",
+    "load",
+    "parse",
+    "to_input",
+]

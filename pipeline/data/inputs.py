@@ -4,7 +4,7 @@ and the service.
 
 The seed's form is the Kaggle CSV's: a 48x48 grayscale face. A UTKFace folder holds the 200x200
 colour chips those rows were made from, so a model trained on one can also see the face in colour,
-at another size, and through dlib's pretrained 128-D face descriptor of the same chip.
+at another size, and through pretrained face features of the same chip (pipeline.data.descriptor).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data import preprocess
+from pipeline.data import descriptor, preprocess
 
 Colour = Literal["gray", "rgb"]
 Features = Literal["pixels", "descriptor", "both"]
@@ -24,12 +24,15 @@ FEATURES: tuple[str, ...] = ("pixels", "descriptor", "both")
 MODES = {"gray": "L", "rgb": "RGB"}
 # dlib's descriptors have unit length (128 components of about 0.09 spread): scaled to a spread
 # of about 1, as the pixels are, so one learning rate suits both branches of a fused network.
+# ("dlib-stages" features differ in scale from one component to the next: the network normalises
+# them itself, see pipeline.model.network.)
 DESCRIPTOR_SCALE = 10.0
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The form of a network's input: pixels at `size` in `colour`, dlib's descriptor, or both."""
+    """The form of a network's input: pixels at `size` in `colour`, pretrained face features of
+    `descriptor_kind` (descriptor.KINDS), or both."""
 
     size: int = preprocess.SIZE
     colour: Colour = "gray"
@@ -37,6 +40,7 @@ class InputSpec:
     mean: float = preprocess.MEAN
     std: float = preprocess.STD
     descriptor_scale: float = DESCRIPTOR_SCALE
+    descriptor_kind: str = descriptor.KIND
 
     def __post_init__(self) -> None:
         if self.colour not in MODES:
@@ -45,6 +49,13 @@ class InputSpec:
             raise ValueError(f"features {self.features!r}; expected one of {FEATURES}")
         if not 16 <= self.size <= 200:
             raise ValueError(f"input size {self.size}; expected 16..200 pixels")
+        descriptor.dim(self.descriptor_kind)  # a known kind
+        if not self.descriptor:  # one pixels-only form, whatever kind it was given
+            object.__setattr__(self, "descriptor_kind", descriptor.KIND)
+
+    @property
+    def descriptor_dim(self) -> int:
+        return descriptor.dim(self.descriptor_kind)
 
     @property
     def channels(self) -> int:
@@ -73,7 +84,7 @@ class InputSpec:
     @classmethod
     def from_meta(cls, meta: dict) -> InputSpec:
         """From a version's meta.json "input"; versions before colour and features held only
-        size, mode ("L"), mean and std."""
+        size, mode ("L"), mean and std, and those before descriptor kinds ate dlib's 128-D one."""
         colour = {"L": "gray", "RGB": "rgb"}[meta.get("mode", "L")]
         return cls(
             size=int(meta.get("size", preprocess.SIZE)),
@@ -82,6 +93,7 @@ class InputSpec:
             mean=float(meta.get("mean", preprocess.MEAN)),
             std=float(meta.get("std", preprocess.STD)),
             descriptor_scale=float(meta.get("descriptor_scale", DESCRIPTOR_SCALE)),
+            descriptor_kind=meta.get("descriptor_kind", "dlib128"),
         )
 
 

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.data import descriptor
 from pipeline.data.inputs import SEED_FORM, InputSpec
 
 
@@ -88,32 +87,48 @@ def _mlp_layers(params: dict, width: int) -> tuple[list[nn.Module], int]:
     return layers, params["last_fc"]
 
 
+def _descriptor_norm(spec: InputSpec) -> list[nn.Module]:
+    """Face features whose components differ in scale ("dlib-stages") are standardised by the
+    network itself, so a version needs no statistics beside its weights; dlib's unit-length
+    descriptor is only scaled (InputSpec.descriptor_scale), as versions that eat it were made."""
+    return [] if spec.descriptor_kind == "dlib128" else [nn.BatchNorm1d(spec.descriptor_dim)]
+
+
+def _branch(layers: list[nn.Module]) -> nn.Module:
+    return nn.Sequential(*layers) if layers else nn.Identity()
+
+
 def _mlp_net(params: dict, classes: dict[str, int], spec: InputSpec) -> FaceNet:
-    """The seed's MLP over the flattened pixels, the descriptor, or both joined."""
+    """The seed's MLP over the flattened pixels, the face features, or both joined."""
     pixels = spec.size * spec.size * spec.channels
     if spec.features == "pixels":  # the seed's layout (and its state_dict keys)
         layers, features = _mlp_layers(params, pixels)
         return FaceNet(nn.Sequential(nn.Flatten(), *layers), features, classes)
+    norm = _descriptor_norm(spec)
     if spec.features == "descriptor":
-        layers, features = _mlp_layers(params, descriptor.DIM)
-        return FaceNet(None, features, classes, branch=nn.Sequential(*layers))
-    layers, features = _mlp_layers(params, pixels + descriptor.DIM)
+        layers, features = _mlp_layers(params, spec.descriptor_dim)
+        return FaceNet(None, features, classes, branch=nn.Sequential(*norm, *layers))
+    layers, features = _mlp_layers(params, pixels + spec.descriptor_dim)
     return FaceNet(
-        nn.Flatten(), features, classes, branch=nn.Identity(), trunk=nn.Sequential(*layers)
+        nn.Flatten(), features, classes, branch=_branch(norm), trunk=nn.Sequential(*layers)
     )
 
 
 def _cnn_net(params: dict, classes: dict[str, int], spec: InputSpec) -> FaceNet:
-    """Conv body on the pixels, a fully connected branch on the descriptor, or both side by side."""
+    """Conv body on the pixels, a fully connected branch on the face features, or both side by
+    side."""
     body, features = _cnn_body(params, spec) if spec.pixels else (None, 0)
     branch = None
     if spec.descriptor:
-        hidden = params.get("descriptor_fc", 0)  # 0: the descriptor as it is
-        branch = nn.Identity()
-        if hidden:
-            layers = [nn.Linear(descriptor.DIM, hidden), nn.ReLU()]
-            branch = nn.Sequential(*layers, nn.Dropout(params.get("descriptor_dropout", 0.0)))
-        features += hidden or descriptor.DIM
+        layers = _descriptor_norm(spec)
+        width = spec.descriptor_dim
+        # descriptor_fc 0: the features join the conv features as they are
+        for _ in range(params.get("descriptor_layers", 1) if params.get("descriptor_fc") else 0):
+            layers += [nn.Linear(width, params["descriptor_fc"]), nn.ReLU()]
+            layers.append(nn.Dropout(params.get("descriptor_dropout", 0.0)))
+            width = params["descriptor_fc"]
+        branch = _branch(layers)
+        features += width
     return FaceNet(body, features, classes, branch=branch)
 
 

@@ -19,7 +19,7 @@ CNN_OPTIMIZERS = ("AdamW", "SGD")
 
 def suggest_mlp(trial: optuna.Trial, features: str = "pixels") -> dict:
     """The original experiment's fully connected space, with its parameter names, over the
-    flattened pixels, the 128-D face descriptor, or both joined."""
+    flattened pixels, the pretrained face features, or both joined."""
     params: dict = {"arch": "mlp", "num_fc_layers": trial.suggest_int("num_fc_layers", 4, 8)}
     for i in range(params["num_fc_layers"]):
         params[f"fc_output_feat_{i}"] = trial.suggest_int(f"fc_output_feat_{i}", 8, 64)
@@ -50,13 +50,14 @@ def suggest_cnn(
     trial: optuna.Trial, ranges: CnnRanges = CNN_RANGES["cnn"], features: str = "pixels"
 ) -> dict:
     """Conv stages of plain or residual blocks with batch norm on the pixels, a fully connected
-    branch on the face descriptor (when the trial's features have them), and the training
+    branch on the pretrained face features (when the trial's features have them), and the training
     recipe: augmentation, label smoothing, weight decay, LR schedule and a loss weight per head."""
     params: dict = {"arch": "cnn"}
     if features != "pixels":
-        # 0: the descriptor joins the conv features as it is
+        # 0: the face features join the conv features as they are
         params["descriptor_fc"] = trial.suggest_categorical("descriptor_fc", [0, 128, 256])
         if params["descriptor_fc"]:
+            params["descriptor_layers"] = trial.suggest_int("descriptor_layers", 1, 2)
             params["descriptor_dropout"] = trial.suggest_float("descriptor_dropout", 0.0, 0.5)
     if features != "descriptor":
         params |= _suggest_conv(trial, ranges)

@@ -24,9 +24,10 @@ from pipeline.training import calibrate, train
 # registered before the field existed are faceopt/1). A change that older code would misread
 # gets a new name: faceopt/2 added `flip_average`, which faceopt/1 readers would ignore;
 # faceopt/3 added `members` (an ensemble's weights), which faceopt/2 readers could not load;
-# faceopt/4 an input description with colour and face descriptors, whose versions take chips.
-FORMAT = "faceopt/4"
-READS = ("faceopt/1", "faceopt/2", "faceopt/3", "faceopt/4")
+# faceopt/4 an input description with colour and face descriptors, whose versions take chips;
+# faceopt/5 the kind of face features (faceopt/4 readers would feed dlib's 128-D descriptor).
+FORMAT = "faceopt/5"
+READS = ("faceopt/1", "faceopt/2", "faceopt/3", "faceopt/4", "faceopt/5")
 CHIP = 200  # the side of UTKFace's chips and of the service's cut (pipeline.data.faces)
 
 
@@ -188,7 +189,9 @@ class FaceModel(PythonModel):
             return self.probabilities_of(images, None)
         chips = np.asarray(images, dtype=np.uint8)
         pixels = inputs.chips_to_pixels(chips, self.spec) if self.spec.pixels else None
-        found = descriptor.compute(chips) if self.spec.descriptor else None
+        found = (
+            descriptor.compute(chips, self.spec.descriptor_kind) if self.spec.descriptor else None
+        )
         return self.probabilities_of(pixels, found)
 
     @torch.inference_mode()
@@ -196,7 +199,7 @@ class FaceModel(PythonModel):
         self, pixels: np.ndarray | None, descriptors: np.ndarray | None
     ) -> dict[str, np.ndarray]:
         """Per head, calibrated class probabilities of inputs already in the version's form:
-        pixels as the spec has them, and descriptors (N x 128) when it uses them."""
+        pixels as the spec has them, and face features (N x D) when it uses them."""
         # The normalisation stored with the model, not today's constants.
         x = None
         if self.spec.pixels:  # a view (a mirror, a crop) too
