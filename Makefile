@@ -15,13 +15,19 @@ FACEOPT := $(BIN)/faceopt
 # Each variable becomes its flag only when set, so FACEOPT_* environment settings still apply.
 flag = $(if $($(1)),--$(2) '$($(1))')
 STUDY_FLAGS = $(call flag,PRESET,preset) $(call flag,DATA,data) $(call flag,STUDY,study) $(call flag,STORAGE,storage) \
-	$(call flag,SEED,seed) $(call flag,SIZE,input-size) $(call flag,COLOUR,colour) $(call flag,FEATURES,features)
+	$(call flag,SEED,seed) $(call flag,SIZE,input-size) $(call flag,COLOUR,colour) $(call flag,FEATURES,features) \
+	$(call flag,DESCRIPTOR,descriptor)
 TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,timeout) \
 	$(call flag,EPOCHS,epochs) $(call flag,SPACE,space) $(call flag,METRIC,metric) \
 	$(call flag,SAMPLER,sampler) $(call flag,SAMPLER_ARGS,sampler-args) \
 	$(call flag,PRUNER,pruner) $(call flag,N_JOBS,n-jobs) $(call flag,WORKERS,workers) \
 	$(call flag,PRECISION,precision) $(call flag,ENQUEUE,enqueue) \
 	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
+
+# Without PRESET, tune runs `auto`: this machine's preset (cpu or gpu) with a first budget that
+# starts from the known good recipe; PRESET=cpu or gpu tunes the same study longer, PRESET=seed
+# runs the original experiment (pipeline/config.py).
+TUNE_PRESET = $(if $(PRESET),,--preset auto)
 
 # A variable, because a comma inside $(or ...) would split its arguments.
 ALL_SAMPLERS := random,tpe,skopt,gp
@@ -31,7 +37,7 @@ ALL_SAMPLERS := random,tpe,skopt,gp
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
-	@echo "  variables: PRESET(cpu|gpu) DATA SIZE COLOUR FEATURES STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS ENSEMBLE SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION ENQUEUE"
+	@echo "  variables: PRESET(auto|cpu|gpu|seed) DATA SIZE COLOUR FEATURES DESCRIPTOR STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS ENSEMBLE SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION ENQUEUE"
 
 setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
 
@@ -47,10 +53,10 @@ data: setup ## download age_gender.csv into data/ with the Kaggle client (needs 
 	$(FACEOPT) data --dir data
 
 tune: setup ## run or resume the Optuna study (DATA=path/to/age_gender.csv N_TRIALS=30)
-	$(FACEOPT) tune $(TUNE_FLAGS)
+	$(FACEOPT) tune $(TUNE_PRESET) $(TUNE_FLAGS)
 
 tune-worker: setup ## join a study from any host until it has N_TRIALS finished trials (same settings)
-	$(FACEOPT) tune-worker $(TUNE_FLAGS)
+	$(FACEOPT) tune-worker $(TUNE_PRESET) $(TUNE_FLAGS)
 
 compare-samplers: setup ## one study per sampler and seed, same budget (SAMPLERS SEEDS N_TRIALS PRUNER)
 	$(FACEOPT) compare-samplers $(TUNE_FLAGS) --samplers $(or $(SAMPLERS),$(ALL_SAMPLERS)) \

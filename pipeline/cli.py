@@ -35,7 +35,9 @@ COMMON = {
     "--preset": (
         "preset",
         str,
-        "cpu or gpu: the cnn space with budgets for 2 CPU cores or one GPU",
+        "cpu or gpu: the cnn space with budgets for 2 CPU cores or one GPU; auto: this "
+        "machine's, with a first budget from the known good recipe; seed: the original "
+        "experiment (mlp space, skopt, median pruning)",
     ),
     "--data": ("data", str, "age_gender.csv(.gz) or a UTKFace folder"),
     "--input-size": ("input_size", int, "side of the face in pixels (a UTKFace folder; CSV: 48)"),
@@ -43,8 +45,14 @@ COMMON = {
     "--features": (
         "features",
         str,
-        f"{_names(config.FeaturesName)}: the pixels, dlib's face descriptor, both, or the "
+        f"{_names(config.FeaturesName)}: the pixels, pretrained face features, both, or the "
         "trial chooses",
+    ),
+    "--descriptor": (
+        "descriptor",
+        str,
+        f"{_names(config.DescriptorName)}: which face features (dlib-stages: each level of "
+        "dlib's face network; dlib128: its 128-D descriptor)",
     ),
     "--study": ("study", str, "study name (also the MLflow experiment)"),
     "--storage": ("storage", str, "Optuna storage URL (default sqlite:///optuna.db)"),

@@ -14,12 +14,14 @@ Metric = Literal["age", "ethnicity", "gender", "mean"]
 SamplerName = Literal["tpe", "random", "skopt", "gp", "cmaes", "qmc"]
 PrunerName = Literal["median", "hyperband", "successive-halving", "percentile", "none"]
 SpaceName = Literal["mlp", "cnn", "cnn-cpu"]
-PresetName = Literal["cpu", "gpu"]
+PresetName = Literal["auto", "cpu", "gpu", "seed"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 ColourName = Literal["gray", "rgb"]
 FeaturesName = Literal["pixels", "descriptor", "both", "search"]
+DescriptorName = Literal["dlib-stages", "dlib128"]
 
 # Defaults a preset brings; anything set explicitly (flag or environment) still wins.
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PRESETS: dict[str, dict] = {
     # 2 CPU cores: about an hour of tuning (cheap cnn space, 6-epoch trials, Hyperband), then
     # train-best in under 30 minutes.
@@ -33,6 +35,7 @@ PRESETS: dict[str, dict] = {
         "timeout": 3600,
         "train_epochs": 20,
         "patience": 6,
+        "enqueue": RECIPES / "cpu.json",  # the known good recipe first
     },
     # One GPU: the full cnn space and longer training.
     "gpu": {
@@ -45,22 +48,47 @@ PRESETS: dict[str, dict] = {
         "train_epochs": 80,
         "patience": 15,
     },
+    # The original experiment: its MLP space, the scikit-optimize sampler with its arguments
+    # (ET, EI, xi=0.02, 10 initial points: the sampler's defaults), median pruning.
+    "seed": {"study": "faceopt-seed", "space": "mlp", "sampler": "skopt", "pruner": "median"},
+}
+# `auto` (what `make tune` runs without PRESET): the device's preset with a first budget, so that
+# a first champion comes soon (on 2 cores, in under 20 minutes: the known good points only); the
+# same study then tunes longer with PRESET=cpu or gpu.
+FIRST_RUN: dict[str, dict] = {
+    "cpu": {"n_trials": 2, "timeout": None},
+    "gpu": {"n_trials": 20, "timeout": None},
 }
 # On a UTKFace folder a preset also sees the whole face: the chip in colour, and each trial chooses
 # its pixels, dlib's pretrained face descriptor of the same chip, or both (the CSV keeps the
 # recipe above).
 FOLDER_PRESETS: dict[str, dict] = {
-    "cpu": {"input_size": 64, "colour": "rgb", "features": "search"},
+    "cpu": {
+        "input_size": 64,
+        "colour": "rgb",
+        "features": "search",
+        "enqueue": RECIPES / "cpu-folder.json",  # known good points first
+    },
     "gpu": {"input_size": 96, "colour": "rgb", "features": "search"},
 }
 
 
+def device_preset() -> str:
+    """The preset that fits this machine: gpu when torch sees a CUDA device, else cpu."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 def preset_values(name: str, data: object) -> dict:
     """What preset `name` brings for `data` (a UTKFace folder or the CSV)."""
+    if name == "auto":
+        found = device_preset()
+        return preset_values(found, data) | FIRST_RUN[found]
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; expected auto or one of {sorted(PRESETS)}")
     folder = data is not None and Path(str(data)).is_dir()
-    return PRESETS[name] | (FOLDER_PRESETS[name] if folder else {})
+    return PRESETS[name] | (FOLDER_PRESETS.get(name, {}) if folder else {})
 
 
 class Settings(BaseSettings):
@@ -68,16 +96,18 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FACEOPT_", extra="ignore", populate_by_name=True)
 
-    preset: PresetName | None = None  # cpu or gpu: see PRESETS
+    preset: PresetName | None = None  # see PRESETS and FIRST_RUN
     data: Path = Path("data/age_gender.csv")
     cache_dir: Path = Path(".cache/faceopt")
     skip_bad_rows: bool = False
     # The face a network sees (a UTKFace folder; the Kaggle CSV holds 48 px gray only): its side
-    # in pixels and its colour, and whether the trial gets the pixels, dlib's pretrained 128-D
-    # face descriptor of the same chip, both, or chooses among them (search).
+    # in pixels and its colour, and whether the trial gets the pixels, pretrained face features
+    # of the same chip, both, or chooses among them (search); which face features: see
+    # pipeline.data.descriptor (dlib128: what studies made before the kinds used).
     input_size: int = Field(48, ge=16, le=200)
     colour: ColourName = "gray"
     features: FeaturesName = "pixels"
+    descriptor: DescriptorName = "dlib-stages"
 
     storage: str = Field(
         "sqlite:///optuna.db", validation_alias=AliasChoices("OPTUNA_STORAGE", "FACEOPT_STORAGE")
@@ -176,7 +206,10 @@ class Settings(BaseSettings):
     def _apply_preset(cls, values: object) -> object:
         if isinstance(values, dict) and values.get("preset"):
             data = values.get("data", cls.model_fields["data"].default)
-            return preset_values(values["preset"], data) | values
+            found = preset_values(values["preset"], data)
+            if values.get("space", found["space"]) != found["space"]:
+                found.pop("enqueue", None)  # its known good points are of the preset's space
+            return found | values
         return values
 
     @field_validator("workers", mode="before")

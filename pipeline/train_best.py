@@ -8,6 +8,7 @@ import functools
 import logging
 import tempfile
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 from pipeline import storage
-from pipeline.config import PRESETS, Settings, preset_values
+from pipeline.config import PresetName, Settings, preset_values
 from pipeline.data import dataset, labels
 from pipeline.data.inputs import SEED_FORM, InputSpec
 from pipeline.errors import FaceoptError
@@ -63,7 +64,7 @@ def for_study(settings: Settings) -> Settings:
     if "data" not in given and attrs.get("data"):
         updates["data"] = Path(attrs["data"])
     preset = attrs.get("preset")
-    if "preset" not in given and preset in PRESETS:
+    if "preset" not in given and preset in typing.get_args(PresetName):
         brought = preset_values(preset, updates.get("data", settings.data))
         updates |= {k: brought[k] for k in ("train_epochs", "patience") if k not in given}
     if updates != {"study": settings.study}:
@@ -407,6 +408,7 @@ def run(settings: Settings, promote: bool = False) -> dict:
                 "input_size": spec.size,
                 "colour": spec.colour,
                 "features": spec.features,
+                "descriptor": spec.descriptor_kind,
             },
         )
         runs.log_dataset(

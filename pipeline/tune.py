@@ -16,7 +16,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import storage
+from pipeline import config, storage
 from pipeline.config import Settings
 from pipeline.data import dataset
 from pipeline.errors import FaceoptError
@@ -37,9 +37,15 @@ def run(settings: Settings) -> dict:
     """Add settings.n_trials trials to the study, in this process or in settings.workers processes."""
     if settings.enqueue:  # a bad file fails now, not after the data is decoded
         read_enqueue(settings.enqueue, settings.space, settings.features)
-    if settings.workers != 1:
-        return run_workers(settings)
-    return run_worker(settings)
+    result = run_workers(settings) if settings.workers != 1 else run_worker(settings)
+    if settings.preset == "auto":
+        log.info(
+            "a first study of %d trials from the known good points; to tune longer (the same "
+            "study): make tune PRESET=%s, then make train-best",
+            settings.n_trials,
+            config.device_preset(),
+        )
+    return result
 
 
 def run_workers(settings: Settings) -> dict:
@@ -260,6 +266,7 @@ def _log_setup(
             "input_size",
             "colour",
             "features",
+            "descriptor",
         }
     )
     params["skipped_files"] = len(faces.skipped)

@@ -12,12 +12,14 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from pipeline import config
 from pipeline.config import PRESETS, Settings
 from pipeline.data import labels
 from pipeline.model import augment, network, space
 from pipeline.registry import package
 from pipeline.tracking import runs
 from pipeline.training import calibrate, train
+from pipeline.tuning.study import read_enqueue
 from serving.app import create_app
 from tests.conftest import LOCAL, astronaut_face, jpeg, upload
 
@@ -132,6 +134,39 @@ def test_presets_fill_defaults_and_explicit_settings_win(monkeypatch) -> None:
         Settings(preset="tpu")
     for name, values in PRESETS.items():  # every preset names a real space
         assert values["space"] in space.SPACES, name
+
+
+def test_auto_is_the_devices_preset_from_its_known_good_points(monkeypatch, tmp_path: Path) -> None:
+    """`make tune` without PRESET: the device's preset, its recipe's points only (a first
+    champion soon), in the study that PRESET=cpu then tunes longer; the same on a folder."""
+    monkeypatch.setattr(config, "device_preset", lambda: "cpu")
+    auto, cpu = Settings(preset="auto"), Settings(preset="cpu")
+    assert (auto.study, auto.space, auto.epochs) == (cpu.study, cpu.space, cpu.epochs)
+    assert (auto.n_trials, auto.timeout) == (2, None) and cpu.timeout == 3600
+    assert len(read_enqueue(auto.enqueue, auto.space, auto.features)) == auto.n_trials
+    assert auto.enqueue.name == "cpu.json"
+    folder = Settings(preset="auto", data=tmp_path)
+    assert (folder.colour, folder.features, folder.enqueue.name) == (
+        "rgb",
+        "search",
+        "cpu-folder.json",
+    )
+    assert len(read_enqueue(folder.enqueue, folder.space, folder.features)) == folder.n_trials
+    # Another space than the preset's keeps the preset's budgets but not its points.
+    assert Settings(preset="cpu", space="mlp").enqueue is None
+    monkeypatch.setattr(config, "device_preset", lambda: "gpu")
+    assert Settings(preset="auto").model_dump(include={"study", "n_trials"}) == {
+        "study": "faceopt-gpu",
+        "n_trials": 20,
+    }
+    seed = Settings(preset="seed", data=tmp_path)  # the original experiment, on a folder too
+    assert (seed.space, seed.sampler, seed.sampler_args, seed.pruner) == (
+        "mlp",
+        "skopt",
+        {},
+        "median",
+    )
+    assert (seed.input_size, seed.colour, seed.features) == (48, "gray", "pixels")
 
 
 def register(net, temperatures: dict[str, float], settings: Settings, name: str) -> str:

@@ -104,6 +104,8 @@ def test_second_run_resumes_the_study(settings: Settings) -> None:
     study = optuna.load_study(study_name=settings.study, storage=settings.storage)
     params = [t.params for t in study.trials]
     assert params[2] != params[0] and params[3] != params[1]  # no replay of the first draws
+    # optuna-dashboard names the objective by it; set once, when the study was made
+    assert study.metric_names == [f"best-epoch validation accuracy ({settings.metric})"]
     client, parents, children = child_runs(settings)
     assert len(parents) == 2 and len(children) == 4
     for parent_id in parents:  # study_plots off: the summary, no plots

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -31,9 +32,10 @@ STUDY_ATTRS = (
     "input_size",
     "colour",
     "features",
+    "descriptor",
 )
 # What a study made before an attribute existed had.
-ATTR_DEFAULTS = {"input_size": 48, "colour": "gray", "features": "pixels"}
+ATTR_DEFAULTS = {"input_size": 48, "colour": "gray", "features": "pixels", "descriptor": "dlib128"}
 LIBRARIES = ("torch", "optuna", "mlflow", "numpy", "scikit-optimize", "madgrad", "faceopt")
 
 
@@ -60,6 +62,7 @@ def study_attrs(settings: Settings, faces: dataset.FaceSet, split: dataset.Split
         "input_size": settings.input_size,
         "colour": settings.colour,
         "features": settings.features,
+        "descriptor": settings.descriptor,
         # Not checked on resume; train-best takes them when it is not told (make tune && make
         # train-best retrains what was just tuned, whatever DATA and PRESET tune had).
         "data": str(settings.data),
@@ -89,6 +92,8 @@ def open_study(
             study.set_user_attr(key, value)
     else:  # a resumed one: the setup must be the same
         for key in STUDY_ATTRS:
+            if key == "descriptor" and attrs["features"] == "pixels":
+                continue  # pixels-only trials never see face features
             had = recorded.get(key, ATTR_DEFAULTS.get(key))
             if had != attrs[key]:
                 raise StudyMismatch(
@@ -96,10 +101,20 @@ def open_study(
                     f"with {key}={had!r}, this run has {attrs[key]!r}; use the same "
                     "settings to add trials to it, or a new STUDY name"
                 )
+    if study.metric_names is None:  # named once; a resumed study keeps its name
+        with warnings.catch_warnings():  # experimental: Optuna (5.0) warns
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([metric_name(settings.metric)])
     if settings.enqueue:
         for params in read_enqueue(settings.enqueue, settings.space, settings.features):
             study.enqueue_trial(params, skip_if_exists=True)
     return study
+
+
+def metric_name(metric: str) -> str:
+    """What the objective returns, named for optuna-dashboard: its best epoch's validation
+    accuracy on `metric` (an age, ethnicity or gender head, or their mean)."""
+    return f"best-epoch validation accuracy ({metric})"
 
 
 def read_enqueue(path: Path, space_name: str, features: str = "pixels") -> list[dict]:
@@ -127,7 +142,7 @@ def data_form(attrs: dict) -> InputSpec:
     search: pixels and descriptors both), from the study's attributes."""
     get = {key: attrs.get(key, default) for key, default in ATTR_DEFAULTS.items()}
     features = "both" if get["features"] == "search" else get["features"]
-    return InputSpec(get["input_size"], get["colour"], features)
+    return InputSpec(get["input_size"], get["colour"], features, descriptor_kind=get["descriptor"])
 
 
 def load_data(settings: Settings) -> tuple[dataset.FaceSet, dataset.Split, dict]:
