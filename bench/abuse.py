@@ -24,7 +24,7 @@ from PIL import Image
 from bench import RESULTS, save
 from bench.serve import require_champion
 from pipeline.config import Settings
-from tests.conftest import free_port, server_process
+from pipeline.testkit import free_port, server_process
 
 MIB = 1024 * 1024
 

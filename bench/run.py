@@ -33,10 +33,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench import save
-from pipeline import tune
 from pipeline.config import Settings
 from pipeline.data import dataset, labels
 from pipeline.model import network
+from pipeline.tracking import runs
 from pipeline.training import train
 from pipeline.tuning.objective import make_objective
 
@@ -320,10 +320,10 @@ def bench_mlflow(faces: dataset.FaceSet, repeats: int, tmp: Path) -> list[Row]:
         study="bench",
     )
     sets = _sets(faces)
-    client = tune.tracking.client_for(settings.tracking_uri)
-    experiment = tune.tracking.ensure_experiment(client, "bench", settings.artifact_root)
-    parent = tune.tracking.start_parent(client, experiment, "bench", {})
-    logged = tune.tracking.TrialLogger(client, experiment, parent, {})
+    client = runs.client_for(settings.tracking_uri)
+    experiment = runs.ensure_experiment(client, "bench", settings.artifact_root)
+    parent = runs.start_parent(client, experiment, "bench", {})
+    logged = runs.TrialLogger(client, experiment, parent, {})
     with_logger, without = [], []
     for _ in range(repeats):  # interleaved, so machine noise hits both alike
         without += _trial_seconds(settings, sets, _NoLogger(), 1)

@@ -29,7 +29,7 @@ from pipeline import evaluate
 from pipeline.config import Settings
 from pipeline.data import dataset, faces, labels
 from pipeline.storage import redact
-from tests.conftest import free_port, server_process
+from pipeline.testkit import free_port, server_process
 
 
 def raw_request(request: httpx.Request) -> bytes:

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import storage
 from pipeline.config import Settings
-from tests.conftest import free_port, server_process
+from pipeline.testkit import free_port, server_process
 
 log = logging.getLogger(__name__)
 DOCS = Path(__file__).parent

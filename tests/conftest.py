@@ -7,22 +7,19 @@ import functools
 import io
 import os
 import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
 import tempfile
-import time
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from pipeline.config import Settings
+
+# Shared with bench/ and docs/ (pipeline/testkit.py); the tests import them from here.
+from pipeline.testkit import free_port, server_process, synthetic_faces  # noqa: F401
 
 # Under pytest-xdist every worker trains networks: share the cores instead of each worker (and
 # each process it starts) taking all of them. Set before torch is first imported.
@@ -35,28 +32,6 @@ REAL_CSV = REAL_DATA / "age_gender.csv.gz"
 # The service answers only the Host names it is reached by (loopback by default); TestClient's
 # own default, "testserver", is not one of them.
 LOCAL = "http://localhost"
-
-
-def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
-    """Rows in the Kaggle layout whose pixels carry a learnable signal for every label."""
-    rng = np.random.default_rng(seed)
-    age = rng.integers(1, 90, n)
-    eth = rng.integers(0, 5, n)
-    gender = rng.integers(0, 2, n)
-    base = rng.normal(120, 20, (n, 48, 48))
-    base[:, :8, :] += (age[:, None, None] / 90) * 80  # forehead brightness ~ age
-    base[:, 40:, :] += eth[:, None, None] * 15
-    base[:, :, :6] += gender[:, None, None] * 60
-    pixels = np.clip(base, 0, 255).astype(np.uint8).reshape(n, -1)
-    return pd.DataFrame(
-        {
-            "age": age,
-            "ethnicity": eth,
-            "gender": gender,
-            "img_name": [f"2017010{i:09d}.jpg.chip.jpg" for i in range(n)],
-            "pixels": [" ".join(map(str, row)) for row in pixels],
-        }
-    )
 
 
 def astronaut_face() -> Image.Image:
@@ -186,39 +161,3 @@ def postgres_database():
 def upload(name: str, raw: bytes, field: str = "files", mime: str = "image/jpeg"):
     """One multipart file part as httpx takes it."""
     return (field, (name, raw, mime))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server_process(cmd: list[str], ready_url: str, env: dict, log: Path, timeout: float = 180):
-    """A server process (the tests' and the benchmarks') for the duration of the block, once
-    `ready_url` answers 200; stopped afterwards."""
-    with open(log, "w") as out:  # its own session: stopping it stops what it started too
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{cmd[:4]} not ready in {timeout:.0f} s: {log.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-        yield proc
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)

@@ -1,0 +1,79 @@
+"""What tests, benchmarks and the docs' screenshot script share: synthetic faces, a free port, a
+server process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
+    """Rows in the Kaggle layout whose pixels carry a learnable signal for every label."""
+    rng = np.random.default_rng(seed)
+    age = rng.integers(1, 90, n)
+    eth = rng.integers(0, 5, n)
+    gender = rng.integers(0, 2, n)
+    base = rng.normal(120, 20, (n, 48, 48))
+    base[:, :8, :] += (age[:, None, None] / 90) * 80  # forehead brightness ~ age
+    base[:, 40:, :] += eth[:, None, None] * 15
+    base[:, :, :6] += gender[:, None, None] * 60
+    pixels = np.clip(base, 0, 255).astype(np.uint8).reshape(n, -1)
+    return pd.DataFrame(
+        {
+            "age": age,
+            "ethnicity": eth,
+            "gender": gender,
+            "img_name": [f"2017010{i:09d}.jpg.chip.jpg" for i in range(n)],
+            "pixels": [" ".join(map(str, row)) for row in pixels],
+        }
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server to start on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(
+    cmd: list[str], ready_url: str, env: dict, log: Path, timeout: float = 180
+) -> Iterator[subprocess.Popen]:
+    """A server process for the duration of the block, once `ready_url` answers 200; stopped
+    afterwards, with whatever it started."""
+    import httpx  # a dev dependency: the package itself never makes HTTP requests
+
+    with open(log, "w") as out:  # its own session: stopping it stops what it started too
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{cmd[:4]} not ready in {timeout:.0f} s: {log.read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        yield proc
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
