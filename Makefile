@@ -14,15 +14,10 @@ FACEOPT := $(BIN)/faceopt
 
 # Each variable becomes its flag only when set, so FACEOPT_* environment settings still apply.
 flag = $(if $($(1)),--$(2) '$($(1))')
-STUDY_FLAGS = $(call flag,PRESET,preset) $(call flag,DATA,data) $(call flag,STUDY,study) $(call flag,STORAGE,storage) \
-	$(call flag,SEED,seed) $(call flag,SIZE,input-size) $(call flag,COLOUR,colour) $(call flag,FEATURES,features) \
-	$(call flag,DESCRIPTOR,descriptor)
-TUNE_FLAGS = $(STUDY_FLAGS) $(call flag,N_TRIALS,n-trials) $(call flag,TIMEOUT,timeout) \
-	$(call flag,EPOCHS,epochs) $(call flag,SPACE,space) $(call flag,METRIC,metric) \
-	$(call flag,SAMPLER,sampler) $(call flag,SAMPLER_ARGS,sampler-args) \
-	$(call flag,PRUNER,pruner) $(call flag,N_JOBS,n-jobs) $(call flag,WORKERS,workers) \
-	$(call flag,PRECISION,precision) $(call flag,ENQUEUE,enqueue) \
-	$(if $(SKIP_BAD_ROWS),--skip-bad-rows)
+# SETTINGS_<GROUP>: every setting's variable and flag, generated from pipeline/config.py.
+include settings.mk
+STUDY_FLAGS = $(SETTINGS_STUDY)
+TUNE_FLAGS = $(SETTINGS_STUDY) $(SETTINGS_TUNE) $(SETTINGS_TRAIN)
 
 # Without PRESET, tune runs `auto`: this machine's preset (cpu or gpu) with a first budget that
 # starts from the known good recipe; PRESET=cpu or gpu tunes the same study longer, PRESET=seed
@@ -33,11 +28,16 @@ TUNE_PRESET = $(if $(PRESET),,--preset auto)
 ALL_SAMPLERS := random,tpe,skopt,gp
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data bench-peers tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast lint bench bench-serve bench-abuse
+.PHONY: help settings setup data bench-peers tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast lint bench bench-serve bench-abuse
 
 help: ## list targets and the variables they take
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
-	@echo "  variables: PRESET(auto|cpu|gpu|seed) DATA SIZE COLOUR FEATURES DESCRIPTOR STUDY N_TRIALS TIMEOUT EPOCHS TRAIN_EPOCHS ENSEMBLE SPACE METRIC SAMPLER SAMPLER_ARGS PRUNER N_JOBS WORKERS SEED STORAGE PRECISION ENQUEUE"
+	@echo "variables (settings; each also FACEOPT_<NAME> in the environment):"
+	@sed -n 's/^#: /  /p' settings.mk
+	@echo "  and, per target: PHOTOS VERSION CONTEXT SURROUND PROMOTE SAMPLERS SEEDS PREFIX BASELINE TORCH"
+
+settings: setup ## regenerate settings.mk from pipeline/config.py (after adding a setting)
+	$(FACEOPT) make-settings > settings.mk
 
 setup: $(BIN)/.installed ## create .venv and install faceopt (torch pinned by TORCH=...)
 
@@ -73,18 +73,15 @@ mlflow-server: setup ## MLflow tracking server: PostgreSQL backend store, served
 	$(FACEOPT) mlflow-server $(call flag,HOST,host) $(call flag,PORT,port)
 
 train-best: setup ## retrain the best trial, report on the test split, register (STUDY TRAIN_EPOCHS ENSEMBLE PROMOTE=1)
-	$(FACEOPT) train-best $(STUDY_FLAGS) $(call flag,TRAIN_EPOCHS,epochs) $(call flag,PATIENCE,patience) \
-		$(call flag,ENSEMBLE,ensemble) \
-		$(call flag,MODEL_NAME,model-name) $(call flag,PRECISION,precision) $(if $(PROMOTE),--promote)
+	$(FACEOPT) train-best $(STUDY_FLAGS) $(SETTINGS_TRAIN_BEST) $(SETTINGS_TRAIN) $(if $(PROMOTE),--promote)
 
 evaluate: setup ## a version (VERSION=champion) on labelled photos through the service's crop (PHOTOS= CONTEXT=1,2,3)
 	@test -n "$(PHOTOS)" || { echo "make evaluate needs PHOTOS=/path/to/folder of UTKFace-named photos (<age>_<gender>_<race>_<datetime>.jpg), e.g. PHOTOS=../shared/data/utkface_photos"; exit 2; }
 	$(FACEOPT) evaluate --photos '$(PHOTOS)' $(call flag,VERSION,version) $(call flag,CONTEXT,context) \
-		$(call flag,SURROUND,surround) $(call flag,MODEL_NAME,model-name) $(call flag,MIN_FACE,min-face)
+		$(call flag,SURROUND,surround) $(SETTINGS_EVALUATE)
 
 serve: setup ## start the prediction service on the champion (HOST, PORT, WORKERS; POST /predict, page at /)
-	$(FACEOPT) serve $(call flag,HOST,host) $(call flag,PORT,port) $(call flag,MODEL_NAME,model-name) \
-		$(call flag,WORKERS,workers)
+	$(FACEOPT) serve $(SETTINGS_SERVE)
 
 dashboard: setup ## optuna-dashboard on the study storage: live history, importances, trials (HOST, PORT)
 	$(FACEOPT) dashboard $(call flag,STORAGE,storage) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8080)

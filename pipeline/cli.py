@@ -24,79 +24,85 @@ log = logging.getLogger("faceopt")
 KAGGLE_DATASET = "nipunarora8/age-gender-and-ethnicity-face-data-csv"
 
 
-def _names(choices) -> str:
-    """'a, b or c' from a Literal of the settings, so the help lists what the settings take."""
-    *first, last = typing.get_args(choices)
-    return f"{', '.join(first)} or {last}"
+def _choices(annotation: object) -> tuple[str, ...]:
+    """The values a Literal setting takes (also a `Literal[...] | None` one)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(map(str, typing.get_args(annotation)))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return _choices(args[0]) if len(args) == 1 else ()
 
 
-# flag -> settings field, for the flags every study command shares
-COMMON = {
-    "--preset": (
-        "preset",
-        str,
-        "cpu or gpu: the cnn space with budgets for 2 CPU cores or one GPU; auto: this "
-        "machine's, with a first budget from the known good recipe; seed: the original "
-        "experiment (mlp space, skopt, median pruning)",
-    ),
-    "--data": ("data", str, "age_gender.csv(.gz) or a UTKFace folder"),
-    "--input-size": ("input_size", int, "side of the face in pixels (a UTKFace folder; CSV: 48)"),
-    "--colour": ("colour", str, f"{_names(config.ColourName)}: the face's colour (a folder)"),
-    "--features": (
-        "features",
-        str,
-        f"{_names(config.FeaturesName)}: the pixels, pretrained face features, both, or the "
-        "trial chooses",
-    ),
-    "--descriptor": (
-        "descriptor",
-        str,
-        f"{_names(config.DescriptorName)}: which face features (dlib-stages: each level of "
-        "dlib's face network; dlib128: its 128-D descriptor)",
-    ),
-    "--study": ("study", str, "study name (also the MLflow experiment)"),
-    "--storage": ("storage", str, "Optuna storage URL (default sqlite:///optuna.db)"),
-    "--tracking-uri": ("tracking_uri", str, "MLflow tracking URI (default sqlite:///mlflow.db)"),
-    "--seed": ("seed", int, "seed of the split and of every trial"),
-}
-TUNE = {
-    "--n-trials": ("n_trials", int, "trials to add to the study"),
-    "--timeout": ("timeout", float, "stop starting trials after this many seconds"),
-    "--epochs": ("epochs", int, "epochs per trial"),
-    "--space": ("space", str, f"search space: {_names(config.SpaceName)}"),
-    "--metric": ("metric", str, f"validation accuracy to maximise: {_names(config.Metric)}"),
-    "--sampler": ("sampler", str, _names(config.SamplerName)),
-    "--sampler-args": (
-        "sampler_args",
-        json.loads,
-        "JSON of sampler arguments, e.g. "
-        '\'{"base_estimator": "ET", "acq_func_kwargs": {"xi": 0.02}}\'',
-    ),
-    "--pruner": ("pruner", str, _names(config.PrunerName)),
-    "--enqueue": (
-        "enqueue",
-        Path,
-        "JSON file of trial params (an object or a list) to try first, e.g. recipes/cpu.json",
-    ),
-    "--n-jobs": ("n_jobs", int, "trials in parallel threads within this process"),
-    "--workers": ("workers", str, "worker processes on the study (auto: one per GPU)"),
-}
-
-# flags of every command that trains
-TRAINING = {
-    "--precision": ("precision", str, f"{_names(config.PrecisionName)}: training's precision"),
-}
-TRAIN_BEST = {
-    "--epochs": ("train_epochs", int, "most epochs to train (early stopping may end sooner)"),
-    "--patience": ("patience", int, "epochs without a better validation metric before stopping"),
-    "--ensemble": ("ensemble", int, "networks to train from successive seeds, served as one"),
-    "--model-name": ("model_name", str, "registered model name (default faceopt)"),
-}
+def _flag_type(annotation: object) -> typing.Callable | str:
+    """How a flag's text becomes the setting: store_true for a bool, JSON for a dict; the rest as
+    text or a number, which Settings validates."""
+    kinds = set(typing.get_args(annotation)) - {type(None)} or {annotation}
+    if kinds == {bool}:
+        return "store_true"
+    if kinds == {dict}:
+        return json.loads
+    if kinds in ({int}, {float}):
+        return kinds.pop()
+    return str
 
 
-def _add(parser: argparse.ArgumentParser, flags: dict) -> None:
-    for flag, (dest, kind, text) in flags.items():
-        parser.add_argument(flag, dest=dest, type=kind, help=text)
+def settings_flags(group: str) -> dict[str, tuple[str, typing.Callable | str, str]]:
+    """flag -> (setting, type, help) for every setting in `group` (config.GROUPS), read from
+    the fields themselves (config.setting): a new setting needs no edit here."""
+    flags = {}
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra or {}
+        if group not in extra.get("groups", ()):
+            continue
+        choices = _choices(field.annotation)
+        text = f"{', '.join(choices)}: {field.description}" if choices else field.description
+        default = field.get_default(call_default_factory=True)
+        if default not in (None, False, {}):
+            text += f" (default {default})"
+        flag = "--" + (extra["flag"] or name).replace("_", "-")
+        flags[flag] = (name, _flag_type(field.annotation), text)
+    return flags
+
+
+def make_var(name: str) -> str:
+    """The Makefile variable of setting `name` ("" for none)."""
+    make = (Settings.model_fields[name].json_schema_extra or {}).get("make")
+    return name.upper() if make is None else make
+
+
+def make_settings() -> str:
+    """settings.mk: per group, each setting's make variable turned into its flag when set, and
+    one help line per variable; generated, so that the Makefile follows the settings."""
+    out = [
+        "# Generated from pipeline/config.py by `make settings` (faceopt make-settings): do not",
+        "# edit. A make variable becomes its flag only when set, so FACEOPT_* settings still apply.",
+        "# `make help` lists the #: lines.",
+    ]
+    described: dict[str, str] = {}
+    for group in config.GROUPS:
+        calls = []
+        for flag, (name, kind, text) in settings_flags(group).items():
+            var = make_var(name)
+            if not var:
+                continue
+            if kind == "store_true":
+                calls.append(f"$(if $({var}),{flag})")
+            else:
+                calls.append(f"$(call flag,{var},{flag[2:]})")
+            if text not in described.get(var, ""):  # one variable, several settings
+                described[var] = f"{described[var]}; {text}" if var in described else text
+        out.append(f"SETTINGS_{group.upper().replace('-', '_')} = " + " \\\n\t".join(calls))
+    out += [f"#: {var:<14} {text}" for var, text in described.items()]
+    return "\n".join(out) + "\n"
+
+
+def _add(parser: argparse.ArgumentParser, *groups: str) -> None:
+    for group in groups:
+        for flag, (dest, kind, text) in settings_flags(group).items():
+            text = text.replace("%", "%%")  # argparse formats help with %
+            if kind == "store_true":
+                parser.add_argument(flag, dest=dest, action=kind, default=None, help=text)
+            else:
+                parser.add_argument(flag, dest=dest, type=kind, help=text)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -347,24 +353,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     tune = sub.add_parser("tune", help="run (or resume) an Optuna study, logging to MLflow")
-    _add(tune, COMMON)
-    _add(tune, TUNE)
-    _add(tune, TRAINING)
-    tune.add_argument(
-        "--skip-bad-rows",
-        dest="skip_bad_rows",
-        action="store_true",
-        default=None,
-        help="report and skip malformed rows instead of stopping",
-    )
+    _add(tune, "study", "tune", "train")
     tune.set_defaults(func=cmd_tune)
 
     worker = sub.add_parser(
         "tune-worker", help="join a study as one more worker (any host with the same settings)"
     )
-    _add(worker, COMMON)
-    _add(worker, TUNE)
-    _add(worker, TRAINING)
+    _add(worker, "study", "tune", "train")
     worker.add_argument(
         "--until",
         type=int,
@@ -376,23 +371,19 @@ def parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_tune_worker, own=("parent_run_id", "until", "quiet"))
 
     cmp = sub.add_parser("compare-samplers", help="one study per sampler and seed, compared")
-    _add(cmp, COMMON)
-    _add(cmp, TUNE)
-    _add(cmp, TRAINING)
+    _add(cmp, "study", "tune", "train")
     cmp.add_argument("--samplers", default="random,tpe,skopt,gp")
     cmp.add_argument("--seeds", type=int, default=3)
     cmp.add_argument("--prefix", default="compare", help="study names: <prefix>-<sampler>-s<k>")
     cmp.set_defaults(func=cmd_compare, own=("samplers", "seeds", "prefix"))
 
     rep = sub.add_parser("report", help="log the study's plots and summary to MLflow")
-    _add(rep, COMMON)
+    _add(rep, "study")
     rep.add_argument("--run-id", help="log to this run instead of a new one")
     rep.set_defaults(func=cmd_report, own=("run_id",))
 
     best = sub.add_parser("train-best", help="retrain the best trial, test it, register it")
-    _add(best, COMMON)
-    _add(best, TRAIN_BEST)
-    _add(best, TRAINING)
+    _add(best, "study", "train-best", "train")
     best.add_argument("--promote", action="store_true", help="make it champion even if worse")
     best.set_defaults(func=cmd_train_best, own=("promote",))
 
@@ -410,19 +401,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--surround", default="blur", help="blur (a blurred copy) or mean (border colour)"
     )
-    ev.add_argument("--tracking-uri", dest="tracking_uri")
-    ev.add_argument("--model-name", dest="model_name")
-    ev.add_argument("--min-face", dest="min_face", type=float, help="as the service's setting")
+    _add(ev, "evaluate")
     ev.set_defaults(func=cmd_evaluate, own=("photos", "version", "surround", "context"))
 
     serve = sub.add_parser("serve", help="start the FastAPI service on the registered champion")
-    serve.add_argument("--tracking-uri", dest="tracking_uri")
-    serve.add_argument("--model-name", dest="model_name")
-    serve.add_argument("--host", dest="host")
-    serve.add_argument("--port", dest="port", type=int)
-    serve.add_argument(
-        "--workers", dest="serve_workers", type=int, help="server processes (default 1)"
-    )
+    _add(serve, "serve")
     serve.set_defaults(func=cmd_serve)
 
     server = sub.add_parser("mlflow-server", help="MLflow tracking server on PostgreSQL")
@@ -442,6 +425,9 @@ def parser() -> argparse.ArgumentParser:
         help="Host headers the server accepts (default: MLflow's, localhost and private addresses)",
     )
     server.set_defaults(func=cmd_mlflow_server)
+
+    gen = sub.add_parser("make-settings", help="print settings.mk, the Makefile's settings")
+    gen.set_defaults(func=lambda args: print(make_settings(), end="") or 0)
 
     dl = sub.add_parser("data", help="download age_gender.csv from Kaggle")
     dl.add_argument("--dir", default="data", help="where to put it (default: data/)")

@@ -91,64 +91,143 @@ def preset_values(name: str, data: object) -> dict:
     return PRESETS[name] | (FOLDER_PRESETS.get(name, {}) if folder else {})
 
 
+GROUPS = ("study", "tune", "train", "train-best", "serve", "evaluate")  # flag groups (pipeline.cli)
+
+
+def setting(
+    default: object,
+    description: str,
+    groups: str = "",
+    make: str | None = None,
+    flag: str | None = None,
+    **field: object,
+) -> object:
+    """A settings field that carries what the CLI, the Makefile and `make help` say of it:
+    `description`; `groups`, the commands whose flags it is (space-separated GROUPS); `make`, its
+    Makefile variable (default the field's name in capitals, "" for none); `flag`, its flag
+    without dashes (default the name with dashes)."""
+    unknown = set(groups.split()) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown groups {sorted(unknown)}; expected some of {GROUPS}")
+    extra = {"groups": groups.split(), "make": make, "flag": flag}
+    if "default_factory" in field:
+        return Field(description=description, json_schema_extra=extra, **field)
+    return Field(default, description=description, json_schema_extra=extra, **field)
+
+
 class Settings(BaseSettings):
     """Defaults that hold on a fresh machine; every field can be set as FACEOPT_<NAME>."""
 
     model_config = SettingsConfigDict(env_prefix="FACEOPT_", extra="ignore", populate_by_name=True)
 
-    preset: PresetName | None = None  # see PRESETS and FIRST_RUN
-    data: Path = Path("data/age_gender.csv")
+    preset: PresetName | None = setting(
+        None,
+        "budgets and recipe (PRESETS in pipeline/config.py); auto: this machine's preset from "
+        "its known good points; seed: the original experiment",
+        groups="study",
+    )
+    data: Path = setting(
+        Path("data/age_gender.csv"), "age_gender.csv(.gz) or a UTKFace folder", groups="study"
+    )
     cache_dir: Path = Path(".cache/faceopt")
-    skip_bad_rows: bool = False
+    skip_bad_rows: bool = setting(
+        False, "report and skip malformed rows instead of stopping", groups="tune"
+    )
     # The face a network sees (a UTKFace folder; the Kaggle CSV holds 48 px gray only): its side
     # in pixels and its colour, and whether the trial gets the pixels, pretrained face features
     # of the same chip, both, or chooses among them (search); which face features: see
     # pipeline.data.descriptor (dlib128: what studies made before the kinds used).
-    input_size: int = Field(48, ge=16, le=200)
-    colour: ColourName = "gray"
-    features: FeaturesName = "pixels"
-    descriptor: DescriptorName = "dlib-stages"
-
-    storage: str = Field(
-        "sqlite:///optuna.db", validation_alias=AliasChoices("OPTUNA_STORAGE", "FACEOPT_STORAGE")
+    input_size: int = setting(
+        48, "side of the face in pixels (a UTKFace folder; CSV: 48)", "study", "SIZE", ge=16, le=200
     )
-    tracking_uri: str = Field(
+    colour: ColourName = setting("gray", "the face's colour (a folder)", groups="study")
+    features: FeaturesName = setting(
+        "pixels",
+        "the pixels, pretrained face features, both, or the trial chooses (search)",
+        groups="study",
+    )
+    descriptor: DescriptorName = setting(
+        "dlib-stages",
+        "which face features: each level of dlib's face network, or its 128-D descriptor",
+        groups="study",
+    )
+
+    storage: str = setting(
+        "sqlite:///optuna.db",
+        "Optuna storage URL",
+        groups="study",
+        validation_alias=AliasChoices("OPTUNA_STORAGE", "FACEOPT_STORAGE"),
+    )
+    tracking_uri: str = setting(
         "sqlite:///mlflow.db",
+        "MLflow tracking URI",
+        groups="study serve evaluate",
+        make="",  # MLFLOW_TRACKING_URI, from the environment
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "FACEOPT_TRACKING_URI"),
     )
     artifact_root: Path = Path("mlruns")
     # `faceopt mlflow-server`'s backend store, shared by the hosts of a study.
     mlflow_backend: str = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
 
-    study: str = "faceopt"
-    n_trials: int = Field(20, ge=1)
-    timeout: float | None = None
-    epochs: int = Field(10, ge=1)
-    space: SpaceName = "mlp"
-    metric: Metric = "age"
-    sampler: SamplerName = "tpe"
-    sampler_args: dict = Field(default_factory=dict)
-    # A JSON file of trial params (an object, or a list of them) the study tries before its
-    # sampler's own: a known good recipe. A point the study already has is not queued again.
-    enqueue: Path | None = None
-    pruner: PrunerName = "median"
-    n_jobs: int = Field(1, ge=1)
-    workers: int | Literal["auto"] = 1  # processes on one study; auto: one per GPU
+    study: str = setting("faceopt", "study name (also the MLflow experiment)", groups="study")
+    n_trials: int = setting(20, "trials to add to the study", groups="tune", ge=1)
+    timeout: float | None = setting(
+        None, "stop starting trials after this many seconds", groups="tune"
+    )
+    epochs: int = setting(10, "epochs per trial", groups="tune", ge=1)
+    space: SpaceName = setting("mlp", "search space", groups="tune")
+    metric: Metric = setting("age", "validation accuracy to maximise", groups="tune")
+    sampler: SamplerName = setting("tpe", "the study's sampler", groups="tune")
+    sampler_args: dict = setting(
+        None,
+        "JSON of sampler arguments, e.g. "
+        '\'{"base_estimator": "ET", "acq_func_kwargs": {"xi": 0.02}}\'',
+        groups="tune",
+        default_factory=dict,
+    )
+    # A known good recipe: a point the study already has is not queued again.
+    enqueue: Path | None = setting(
+        None,
+        "JSON file of trial params (an object or a list) to try first, e.g. recipes/cpu.json",
+        groups="tune",
+    )
+    pruner: PrunerName = setting("median", "per-epoch pruning", groups="tune")
+    n_jobs: int = setting(1, "trials in parallel threads within this process", "tune", ge=1)
+    workers: int | Literal["auto"] = setting(
+        1, "tuning processes on the study, or auto (one per GPU)", groups="tune"
+    )
     heartbeat_interval: int = Field(10, ge=1)  # seconds between a running trial's heartbeats
     grace_period: int = Field(30, ge=1)  # a trial without a heartbeat this long is failed...
     max_retry: int = Field(2, ge=0)  # ...and queued again, at most this many times
-    seed: int = 42
-    # Training's autocast precision; auto: bf16 on GPUs that have it (else fp16) and on CPUs
-    # with native bf16, else fp32. Weights are kept, stored and served in fp32.
-    precision: PrecisionName = "auto"
+    seed: int = setting(42, "seed of the split and of every trial", groups="study")
+    # Weights are kept, stored and served in fp32.
+    precision: PrecisionName = setting(
+        "auto",
+        "training's autocast precision (auto: bf16 on GPUs that have it, else fp16, and on CPUs "
+        "with native bf16, else fp32)",
+        groups="train",
+    )
     split_seed: int | None = None  # the split's own seed when it must not follow `seed`
 
-    train_epochs: int = Field(50, ge=1)  # train-best: the most epochs; early stopping ends sooner
-    patience: int = Field(5, ge=1)  # train-best: epochs without a better validation metric
-    # train-best: networks trained from seeds seed, seed + 1, ... and served as one (their mean
-    # logits); each costs one more training and one more forward pass per face.
-    ensemble: int = Field(1, ge=1, le=16)
-    model_name: str = "faceopt"  # the registered model
+    train_epochs: int = setting(
+        50,
+        "most epochs to train (early stopping may end sooner)",
+        "train-best",
+        flag="epochs",
+        ge=1,
+    )
+    patience: int = setting(
+        5, "epochs without a better validation metric before stopping", "train-best", ge=1
+    )
+    # Each member costs one more training and one more forward pass per face.
+    ensemble: int = setting(
+        1,
+        "networks trained from seeds seed, seed + 1, ..., served as one (their mean logits)",
+        "train-best",
+        ge=1,
+        le=16,
+    )
+    model_name: str = setting("faceopt", "the registered model", "train-best serve evaluate")
     # MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one), sampled
     # every this many seconds on train-best runs, and on tuning parent runs if tune_system_metrics.
     system_metrics_interval: float = Field(10.0, gt=0)
@@ -158,14 +237,16 @@ class Settings(BaseSettings):
     study_plots: bool = True
 
     # serving
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = setting("127.0.0.1", "address the service binds", groups="serve")
+    port: int = setting(8000, "the service's port", groups="serve")
     # Host headers the service answers (a DNS-rebinding page sends its own name): the loopback
     # names by default; add the names the service is reached by when HOST opens it, or "*".
     allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
     # uvicorn worker processes, each with its own copy of the model and its own batching: one
     # process's event loop (HTTP, multipart, JSON) holds the GIL, so more cores need more processes.
-    serve_workers: int = Field(1, ge=1)
+    serve_workers: int = setting(
+        1, "server processes", groups="serve", make="WORKERS", flag="workers", ge=1
+    )
     alias: str = "champion"  # the registry alias the service loads
     # Seconds between looks at the alias; a moved alias is loaded and swapped in by itself (a
     # version that fails to load is skipped, the old one serving on). None: only POST /reload.
@@ -183,7 +264,9 @@ class Settings(BaseSettings):
     # The smallest face looked for, as a fraction of the photo's shorter side: 0.15 finds the face
     # of a half-length portrait (5x the face's size); lower finds smaller faces (group photos) at
     # a steep cost per image (the detector's work grows with 1 / min_face squared).
-    min_face: float = Field(0.15, gt=0, le=1)
+    min_face: float = setting(
+        0.15, "the smallest face looked for (of the shorter side)", "evaluate", gt=0, le=1
+    )
     max_batch: int = Field(64, ge=1)  # most faces per pass shared by several requests
     # POST /reload is refused unless this is set; then it needs "Authorization: Bearer <token>".
     reload_token: SecretStr | None = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from pipeline import train_best, tune
+from pipeline import cli, config, train_best, tune
 from pipeline.config import Settings
 from pipeline.data import labels
 from pipeline.tuning.study import StudyMismatch
@@ -86,3 +88,24 @@ def test_every_name_the_settings_take_is_built_by_its_factory() -> None:
         assert isinstance(samplers.make_sampler(name, 0), optuna.samplers.BaseSampler)
     for name in samplers.PRUNERS:
         assert isinstance(samplers.make_pruner(name, 6), optuna.pruners.BasePruner)
+
+
+def test_the_makefile_and_the_flags_follow_the_settings() -> None:
+    """settings.mk is what the settings generate (`make settings` after adding one), every flag a
+    group offers sets its own field, and `make help` has a line for every variable."""
+    generated = (Path(__file__).resolve().parents[1] / "settings.mk").read_text()
+    assert generated == cli.make_settings(), "settings.mk is stale: run `make settings`"
+    helped = {line.split()[1] for line in generated.splitlines() if line.startswith("#: ")}
+    for group in config.GROUPS:
+        for flag, (name, _, text) in cli.settings_flags(group).items():
+            assert Settings.model_fields[name].description in text, flag
+            assert cli.make_var(name) in helped | {""}, name
+    args = cli.parser().parse_args(
+        ["train-best", "--epochs", "3", "--colour", "rgb", "--precision", "fp32"]
+    )
+    assert (args.train_epochs, args.colour, args.precision) == (3, "rgb", "fp32")
+    args = cli.parser().parse_args(["serve", "--workers", "2"])
+    assert args.serve_workers == 2 and "workers" not in vars(args)
+    args = cli.parser().parse_args(["tune", "--skip-bad-rows", "--sampler-args", '{"a": 1}'])
+    assert args.skip_bad_rows is True and args.sampler_args == {"a": 1}
+    assert cli.parser().parse_args(["tune"]).skip_bad_rows is None  # unset: the environment's
