@@ -30,7 +30,8 @@ SETTINGS_TRAIN_BEST = $(call flag,TRAIN_EPOCHS,epochs) \
 SETTINGS_SERVE = $(call flag,MODEL_NAME,model-name) \
 	$(call flag,HOST,host) \
 	$(call flag,PORT,port) \
-	$(call flag,WORKERS,workers)
+	$(call flag,WORKERS,workers) \
+	$(call flag,MAX_BATCH,max-batch)
 SETTINGS_EVALUATE = $(call flag,MODEL_NAME,model-name) \
 	$(call flag,MIN_FACE,min-face)
 #: PRESET         auto, cpu, gpu, seed: budgets and recipe (PRESETS in pipeline/config.py); auto: this machine's preset from its known good points; seed: the original experiment
@@ -61,4 +62,5 @@ SETTINGS_EVALUATE = $(call flag,MODEL_NAME,model-name) \
 #: MODEL_NAME     the registered model (default faceopt)
 #: HOST           address the service binds (default 127.0.0.1)
 #: PORT           the service's port (default 8000)
+#: MAX_BATCH      most faces per pass shared by requests (default 64)
 #: MIN_FACE       the smallest face looked for (of the shorter side) (default 0.15)

@@ -267,7 +267,7 @@ class Settings(BaseSettings):
     min_face: float = setting(
         0.15, "the smallest face looked for (of the shorter side)", "evaluate", gt=0, le=1
     )
-    max_batch: int = Field(64, ge=1)  # most faces per pass shared by several requests
+    max_batch: int = setting(64, "most faces per pass shared by requests", "serve", ge=1)
     # POST /reload is refused unless this is set; then it needs "Authorization: Bearer <token>".
     reload_token: SecretStr | None = None
     torch_threads: int | None = None  # torch threads; serving default 1, tuning workers share
