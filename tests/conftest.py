@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,16 @@ REAL_CSV = REAL_DATA / "age_gender.csv.gz"
 # The service answers only the Host names it is reached by (loopback by default); TestClient's
 # own default, "testserver", is not one of them.
 LOCAL = "http://localhost"
+
+
+def require_service(name: str, reason: str) -> NoReturn:
+    """A service a test needs (PostgreSQL, chromium) is missing: skipped on a developer's machine,
+    failed under CI=true, where .ci/run installs and starts every one (so CI cannot pass without
+    running the tests that need them). Real data (../shared/data) is not a service: its tests skip
+    wherever it is absent."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is required under CI=true (.ci/run provides it): {reason}")
+    pytest.skip(reason)
 
 
 def astronaut_face() -> Image.Image:
@@ -141,18 +152,21 @@ def registered(tmp_path_factory) -> Settings:
 
 @pytest.fixture
 def postgres_database():
-    """A fresh database on the local PostgreSQL (dropped afterwards): its name; skips without a
-    server."""
+    """A fresh database on the local PostgreSQL (dropped afterwards): its name; without a server,
+    skipped (failed under CI=true: .ci/run installs and starts one)."""
     import uuid
 
-    psycopg = pytest.importorskip("psycopg")
+    try:
+        import psycopg
+    except ImportError as e:
+        require_service("psycopg", f"psycopg is not installed ({e})")
     admin = "postgresql://postgres@127.0.0.1:5432/postgres"
     name = f"faceopt_test_{uuid.uuid4().hex[:8]}"
     try:
         with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL server reachable at 127.0.0.1:5432 ({e})")
+        require_service("PostgreSQL", f"no PostgreSQL server reachable at 127.0.0.1:5432 ({e})")
     yield name
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

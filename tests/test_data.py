@@ -23,7 +23,7 @@ def test_csv_and_gzip_load_the_same_faces(tmp_path: Path) -> None:
     assert plain.images[3].ravel().tolist() == [int(v) for v in df["pixels"][3].split()]
 
 
-def test_second_load_comes_from_the_cache(tmp_path: Path) -> None:
+def test_second_load_comes_from_the_cache(tmp_path: Path, monkeypatch) -> None:
     path = write_csv(synthetic_faces(10), tmp_path / "a.csv")
     first = dataset.load(path, tmp_path / "c")
     caches = list((tmp_path / ".faceopt-cache").glob("*.npz"))
@@ -33,8 +33,14 @@ def test_second_load_comes_from_the_cache(tmp_path: Path) -> None:
     with pytest.raises(dataset.DataError):
         dataset.load(path, tmp_path / "c")
     write_csv(synthetic_faces(10), path)
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(dataset, "_decode", no_decoding)  # the same content again: the cache
     again = dataset.load(path, tmp_path / "c")
     assert np.array_equal(again.images, first.images)
+    assert np.array_equal(again.age, first.age) and again.fingerprint == first.fingerprint
 
 
 def test_read_only_folder_caches_in_cache_dir(tmp_path: Path) -> None:

@@ -59,19 +59,57 @@ def test_intervals_of_the_accuracy_and_the_paired_gap() -> None:
     assert 0.8 < found["gender_acc_low"] < 0.9 < found["gender_acc_high"] < 0.97
 
 
-def test_evaluate_table_and_mlflow(registered: Settings, photos: Path, capsys) -> None:
+def test_evaluate_table_and_mlflow(registered: Settings, photos: Path, capsys, monkeypatch) -> None:
+    """The accuracies are those of the model's answers against the labels in the file names,
+    counted here apart: the dataset conversion's first, then each context's."""
+    names, answers = [], []  # what the model answered, in the order evaluate asked
+    real_read, real_predict = evaluate.read_photos, evaluate.predict
+
+    def read_photos(folder):
+        found = real_read(folder)
+        names.extend(found.names)
+        return found
+
+    def predict(model, pixels, answered):
+        pred = real_predict(model, pixels, answered)
+        answers.append((tuple(model.meta["age_edges"]), answered.copy(), pred))
+        return pred
+
+    monkeypatch.setattr(evaluate, "read_photos", read_photos)
+    monkeypatch.setattr(evaluate, "predict", predict)
     result = evaluate.run(registered, photos, "champion", (1, 2))
+    monkeypatch.undo()
     assert [row["context"] for row in result["contexts"]] == [1, 2]
-    assert result["photos"] == 4 and result["version"] == "1"
-    for row in result["contexts"]:
-        assert 0 <= row["served_age_acc"] <= 1 and 0 <= row["found"] <= 1
-        assert row["served_age_acc_low"] <= row["served_age_acc"] <= row["served_age_acc_high"]
+    assert result["photos"] == 4 and result["version"] == "1" and len(answers) == 3
+    edges = answers[0][0]
+    truth = {"age": [], "ethnicity": [], "gender": []}  # <age>_<gender>_<race>_<datetime>.jpg
+    for name in names:
+        age, gender, race = (int(v) for v in name.split("_")[:3])
+        truth["age"].append(sum(age > edge for edge in edges[1:-1]))  # bracket (lo, hi]
+        truth["ethnicity"].append(race)
+        truth["gender"].append(gender)
+
+    def accuracy(pred: dict, head: str) -> float:  # no answer (-1) is never a label: wrong
+        return sum(int(p) == t for p, t in zip(pred[head], truth[head], strict=True)) / len(names)
+
+    _, everyone, converted = answers[0]
+    assert everyone.all()
+    for head in truth:
+        assert result["dataset"][f"{head}_acc"] == pytest.approx(accuracy(converted, head))
+    for row, (_, answered, pred) in zip(result["contexts"], answers[1:], strict=True):
+        assert row["found"] == pytest.approx(answered.mean())
+        for head in truth:
+            assert row[f"served_{head}_acc"] == pytest.approx(accuracy(pred, head))
+            low, high = row[f"served_{head}_acc_low"], row[f"served_{head}_acc_high"]
+            assert low <= row[f"served_{head}_acc"] <= high
     text = evaluate.table(result)
     assert text.count("| 2x |") == 3 and "dataset acc" in text
     run = MlflowClient(registered.tracking_uri).get_run(result["run_id"])
-    assert (
-        "photos_2x_gender_acc" in run.data.metrics and "photos_dataset_age_f1" in run.data.metrics
+    assert run.data.metrics["photos_2x_gender_acc"] == pytest.approx(
+        result["contexts"][1]["served_gender_acc"]
     )
+    assert run.data.metrics["photos_dataset_age_acc"] == pytest.approx(result["dataset"]["age_acc"])
+    assert "photos_dataset_age_f1" in run.data.metrics
 
     code = cli.main(
         [

@@ -84,13 +84,30 @@ def test_impossible_or_unknown_precisions_are_refused(monkeypatch) -> None:
         Settings()
 
 
-def test_native_bf16_is_read_from_the_cpu_flags() -> None:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        assert train.native_bf16_cpu() is False
-        return
-    flags = set(cpuinfo.read_text().split())
-    assert train.native_bf16_cpu() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+# /proc/cpuinfo excerpts: x86 lists its features under "flags", Arm under "Features".
+X86 = "processor\t: 0\nmodel name\t: x\nflags\t\t: fpu sse sse2 avx avx2 fma {}\nbugs\t\t: spectre_v1\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull crc32 {}\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "native"),
+    [
+        (X86.format("avx512f avx512bw avx512_bf16"), True),  # AMD Zen 4, Intel Cooper Lake
+        (X86.format("avx512f avx512bw amx_bf16 amx_tile"), True),  # Intel Sapphire Rapids
+        (X86.format("avx512f avx512bw avx512_vnni"), False),  # Intel Ice Lake
+        (X86.format(""), False),
+        (ARM.format("asimddp sve i8mm bf16"), True),  # Neoverse V1
+        (ARM.format("asimddp sve i8mm"), False),
+        ("", False),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, cpuinfo: str, native: bool) -> None:
+    """Fixed cpuinfo texts, two processors' worth (the flags are per processor), with and
+    without bf16 in hardware; without a cpuinfo file (not Linux), fp32."""
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo + cpuinfo.replace("processor\t: 0", "processor\t: 1"))
+    assert train.native_bf16_cpu(path) is native
+    assert train.native_bf16_cpu(tmp_path / "missing") is False
 
 
 def test_channels_last_does_not_change_the_outputs() -> None:

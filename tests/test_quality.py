@@ -82,15 +82,29 @@ def test_schedules_warm_up_then_decay() -> None:
 
 
 def test_loss_weights_and_label_smoothing_come_from_the_params() -> None:
-    logits = {h: torch.randn(8, n) for h, n in labels.num_classes(EDGES).items()}
-    y = {h: torch.randint(0, t.shape[1], (8,)) for h, t in logits.items()}
+    torch.manual_seed(0)
+    logits = {h: 3 * torch.randn(8, n) for h, n in labels.num_classes(EDGES).items()}
+    # Mostly right and confident, as a trained model is: smoothing then raises the loss clearly.
+    y = {h: t.argmax(1) for h, t in logits.items()}
+    y["age"][:2] = (y["age"][:2] + 1) % logits["age"].shape[1]
     plain = train.multitask_loss(logits, y)
     weighted = train.Loss.from_params({"loss_weight_age": 2.0, "loss_weight_gender": 0.0})
     expected = plain + torch.nn.functional.cross_entropy(logits["age"], y["age"])
     expected -= torch.nn.functional.cross_entropy(logits["gender"], y["gender"])
     assert weighted(logits, y).item() == pytest.approx(expected.item(), rel=1e-5)
-    smoothed = train.Loss.from_params({"label_smoothing": 0.1})
-    assert smoothed(logits, y).item() != pytest.approx(plain.item())
+    # Label smoothing eps: the target puts 1 - eps on the label and eps spread over all K
+    # classes; by hand, per head, the mean over faces of -sum_k target_k * log softmax_k.
+    eps, by_hand = 0.1, {}
+    for head, z in logits.items():
+        target = torch.full_like(z, eps / z.shape[1])
+        target[torch.arange(len(z)), y[head]] += 1 - eps
+        by_hand[head] = -(target * torch.log_softmax(z, dim=1)).sum(1).mean().item()
+    smoothed = train.Loss.from_params({"label_smoothing": eps})(logits, y).item()
+    assert smoothed == pytest.approx(sum(by_hand.values()), rel=1e-5)
+    assert smoothed > plain.item() + 0.2  # measured: +0.69 with these logits
+    both = train.Loss.from_params({"label_smoothing": eps, "loss_weight_ethnicity": 3.0})
+    expected = by_hand["age"] + 3 * by_hand["ethnicity"] + by_hand["gender"]
+    assert both(logits, y).item() == pytest.approx(expected, rel=1e-5)
 
 
 def miscalibrated(n: int = 4000, sharpen: float = 3.0, seed: int = 0):

@@ -13,11 +13,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 
 from pipeline.config import Settings
-from tests.conftest import REAL_DATA, astronaut_face, free_port, jpeg, server_process
+from tests.conftest import (
+    REAL_DATA,
+    astronaut_face,
+    free_port,
+    jpeg,
+    require_service,
+    server_process,
+)
 
 SAMPLES = REAL_DATA / "utkface_sample"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -41,10 +49,24 @@ def server(registered: Settings, tmp_path_factory):
         yield url
 
 
+def answering_process(response: httpx.Response, workers: list[int]) -> int:
+    """The worker process that holds the server end of the connection `response` came on (the
+    connection is still open: the client keeps it alive)."""
+    client = tuple(response.extensions["network_stream"].get_extra_info("client_addr"))
+    holders = [
+        pid
+        for pid in workers
+        if any(c.raddr and tuple(c.raddr) == client for c in psutil.Process(pid).net_connections())
+    ]
+    assert len(holders) == 1, (client, holders)
+    return holders[0]
+
+
 @pytest.mark.slow  # real processes: make test, not the edit loop
 def test_several_worker_processes_serve_the_champion(registered: Settings, tmp_path) -> None:
-    """--workers 2: two processes, each loaded with the champion the flags named, each with the
-    reload token of the environment."""
+    """--workers 2: two processes, both answering (each answer is traced to the process that
+    holds its connection), each loaded with the champion the flags named, each with the reload
+    token of the environment."""
     face = io.BytesIO()
     Image.new("RGB", (120, 120), (90, 90, 90)).save(face, format="JPEG")
     token = {"FACEOPT_RELOAD_TOKEN": "live-s3cret"}
@@ -56,19 +78,29 @@ def test_several_worker_processes_serve_the_champion(registered: Settings, tmp_p
     ):
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         workers = [
-            pid
+            int(pid)
             for pid in children
             if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
         ]
         assert len(workers) == 2, children
-        for _ in range(8):  # whichever process takes each connection answers the same way
-            r = httpx.post(f"{url}/predict", files=[("files", ("f.jpg", face.getvalue()))])
-            assert r.status_code == 200, r.text
-            assert r.json()["model"] == {"name": "faces", "version": "1", "alias": "champion"}
+        predicted, reloaded = set(), set()
         auth = {"Authorization": "Bearer live-s3cret"}
-        for _ in range(4):
-            assert httpx.post(f"{url}/reload", headers=auth).status_code == 200
-            assert httpx.post(f"{url}/reload").status_code == 401
+        # A new connection each time, until both processes have answered both kinds of request:
+        # whichever process takes a connection answers the same way.
+        for _ in range(60):
+            with httpx.Client(base_url=url, timeout=30) as http:
+                r = http.post("/predict", files=[("files", ("f.jpg", face.getvalue()))])
+                assert r.status_code == 200, r.text
+                assert r.json()["model"] == {"name": "faces", "version": "1", "alias": "champion"}
+                predicted.add(answering_process(r, workers))
+            with httpx.Client(base_url=url, timeout=30) as http:
+                r = http.post("/reload", headers=auth)
+                assert r.status_code == 200, r.text
+                reloaded.add(answering_process(r, workers))
+                assert http.post("/reload").status_code == 401
+            if predicted == reloaded == set(workers):
+                break
+        assert predicted == reloaded == set(workers)
 
 
 @pytest.mark.slow  # real processes: make test, not the edit loop
@@ -122,7 +154,7 @@ def test_real_server_answers_the_utkface_sample(server: str) -> None:
 @pytest.mark.slow
 def test_browser_uploads_and_sees_predictions(server: str, tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+        require_service("chromium", "Debian's chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     photo, empty = tmp_path / "face.jpg", tmp_path / "wall.png"

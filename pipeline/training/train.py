@@ -62,11 +62,11 @@ class Precision:
 FP32 = Precision()
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 in hardware (x86 AVX-512 BF16 or AMX, Arm BF16). Without it
-    oneDNN emulates bf16 and autocast is slower than fp32."""
+def native_bf16_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware (x86 AVX-512 BF16 or AMX, Arm BF16), from the
+    flags in `cpuinfo`. Without it oneDNN emulates bf16 and autocast is slower than fp32."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        info = Path(cpuinfo).read_text()
     except OSError:  # not Linux: no cheap way to tell, so fp32
         return False
     flags = set(info.split())
