@@ -1,18 +1,23 @@
-"""Optuna storage from a URL: safe for several processes, with heartbeats to retry dead workers' trials."""
+"""Optuna storage from a URL: safe for several processes, with heartbeats and owner records to
+retry dead workers' trials."""
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
+import os
+import socket
 import sqlite3
 import warnings
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import optuna
+import psutil
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -23,6 +28,208 @@ log = logging.getLogger(__name__)
 SQLITE = "sqlite:///"
 JOURNAL = "journal:"
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
+# A trial's system attr: the process that owns it (Owner.record), written as the trial is
+# created or taken from the queue, before it is sampled.
+OWNER_ATTR = "faceopt.owner"
+# A trial's user attr, set first thing when its objective starts (Optuna's heartbeat is running
+# by then): "host:pid".
+WORKER_ATTR = "worker"
+# A process whose start time differs by more than this from the recorded one is another process
+# that was given the same pid (Linux derives start times from a boot time that can jitter by 1 s).
+START_TOLERANCE_S = 1.0
+
+
+def _machine() -> str:
+    """Where a pid names one process: this host's name, boot and pid namespace (a container
+    with its own pid namespace is another machine; after a reboot every pid is another's)."""
+    parts = [socket.gethostname()]
+    for path, read in (
+        ("/proc/sys/kernel/random/boot_id", lambda p: Path(p).read_text().strip()),
+        ("/proc/self/ns/pid", os.readlink),
+    ):
+        with suppress(OSError):  # not Linux: the host name alone
+            parts.append(read(path))
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that owns a trial or an MLflow run: on the same machine, whether it still
+    exists is known at once (no grace period); elsewhere only its heartbeats tell."""
+
+    host: str  # the host name, for people
+    machine: str  # _machine(): where `pid` means this process
+    pid: int
+    started: float  # the process's start time (seconds since the epoch): a reused pid is not it
+
+    @classmethod
+    def current(cls) -> Owner:
+        pid = os.getpid()  # per pid: a forked child is its own owner
+        if pid not in _CURRENT:
+            started = psutil.Process(pid).create_time()
+            _CURRENT[pid] = cls(socket.gethostname(), _machine(), pid, round(started, 3))
+        return _CURRENT[pid]
+
+    def record(self) -> dict:
+        """As a JSON object (an Optuna system attr)."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: object) -> Owner | None:
+        try:
+            return cls(
+                str(record["host"]),
+                str(record["machine"]),
+                int(record["pid"]),
+                float(record["started"]),
+            )
+        except (TypeError, KeyError, ValueError):  # none, or not one of ours
+            return None
+
+    def is_dead(self) -> bool | None:
+        """True when its process is gone (or its pid is another process's now), False while it
+        runs, None when it ran on another machine and only its heartbeats can tell."""
+        if self.machine != _machine():
+            return None
+        try:
+            process = psutil.Process(self.pid)
+            if abs(process.create_time() - self.started) > START_TOLERANCE_S:
+                return True  # the pid was reused
+            return process.status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.AccessDenied:  # it exists, as someone else's: not ours to judge further
+            return False
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+
+_CURRENT: dict[int, Owner] = {}
+
+
+def trial_owner(trial: FrozenTrial) -> Owner | None:
+    return Owner.from_record(trial.system_attrs.get(OWNER_ATTR))
+
+
+def orphan_age(heartbeat_interval: float, grace_period: float) -> float:
+    """Seconds after which a RUNNING trial that never reached its objective and whose owner
+    cannot be checked (another machine's, or an older faceopt's) is taken for dead. A trial is
+    RUNNING from the start of ask() (relative sampling included) before its first heartbeat,
+    and Optuna's stale check only sees trials with one: without this rule a worker killed in
+    between would leave the trial RUNNING for ever. A trial is sampled in seconds, so ten grace
+    periods without reaching the objective is a dead worker."""
+    return 10 * max(grace_period, 3 * heartbeat_interval)
+
+
+def why_dead(trial: FrozenTrial, heartbeat_stale: bool, orphan_after: float) -> str | None:
+    """Why a RUNNING trial's worker is taken for dead, or None when it is not. On this machine
+    its owner record decides at once; elsewhere (or without one) its heartbeats do, and a trial
+    that never reached its objective is dead once older than `orphan_after` seconds."""
+    owner = trial_owner(trial)
+    dead = owner.is_dead() if owner else None
+    if dead is not None:
+        return f"its worker process {owner} is gone (killed?)" if dead else None
+    if heartbeat_stale:
+        return "its worker stopped sending heartbeats (killed?)"
+    if WORKER_ATTR in trial.user_attrs or trial.datetime_start is None:
+        return None
+    # Optuna's datetime_start is the creating worker's naive local time.
+    age = (datetime.now() - trial.datetime_start).total_seconds()
+    if age > orphan_after:
+        return f"it has been RUNNING for {age:.0f} s without reaching its objective (killed?)"
+    return None
+
+
+def death_note(trial: FrozenTrial) -> str:
+    """Why a trial failed as stale was taken for dead, for its run's error tag and the log."""
+    owner = trial_owner(trial)
+    if owner and owner.is_dead():
+        return f"its worker process {owner} is gone (killed?)"
+    if WORKER_ATTR not in trial.user_attrs:
+        return "its worker died before the trial reached its objective (killed?)"
+    return "its worker stopped sending heartbeats (killed?)"
+
+
+class _RecordsOwner:
+    """Writes this process as the owner of each trial it creates RUNNING or takes from the
+    queue (a retried or enqueued trial), so that a worker killed while it was still sampling
+    the trial, before Optuna's first heartbeat, is found too."""
+
+    def _record_owner(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, OWNER_ATTR, Owner.current().record())
+
+    def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+        taken = super().set_trial_state_values(trial_id, state, values)
+        if taken and state == TrialState.RUNNING:
+            self._record_owner(trial_id)
+        return taken
+
+
+class OwnedRDBStorage(_RecordsOwner, RDBStorage):
+    """RDBStorage whose stale trials (those Optuna fails, and retries through the stale-trial
+    callback, when a trial starts) are what why_dead says: heartbeats alone only for trials
+    owned on other machines."""
+
+    orphan_after: float = 300.0
+
+    def _create_new_trial(self, study_id, template_trial=None):
+        trial = super()._create_new_trial(study_id, template_trial)
+        if trial.state == TrialState.RUNNING:
+            self._record_owner(trial._trial_id)
+        return trial
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = set(super()._get_stale_trial_ids(study_id))
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [
+            t._trial_id
+            for t in running
+            if why_dead(t, t._trial_id in stale, self.orphan_after) is not None
+        ]
+
+
+class OwnedJournalStorage(_RecordsOwner, JournalStorage):
+    """JournalStorage with owner records (no heartbeats: other machines' trials stay RUNNING)."""
+
+    orphan_after: float = 300.0
+
+    def create_new_trial(self, study_id, template_trial=None) -> int:
+        trial_id = super().create_new_trial(study_id, template_trial)
+        if template_trial is None or template_trial.state == TrialState.RUNNING:
+            self._record_owner(trial_id)
+        return trial_id
+
+
+def fail_dead_trials(study: optuna.Study, on_failed: StaleCallback | None = None) -> list[int]:
+    """Fail the study's RUNNING trials whose worker is dead (why_dead) and hand each to the
+    storage's stale-trial callback (or `on_failed` where it has none), as Optuna's own stale
+    check does when a trial starts; their numbers. Safe to run from several processes at once:
+    a trial is failed, and retried, once."""
+    store = study._storage
+    backend = getattr(store, "_backend", store)  # Optuna wraps an RDBStorage in a cache
+    if isinstance(backend, RDBStorage) and backend.heartbeat_interval:
+        dead_ids = store._get_stale_trial_ids(study._study_id)
+    else:
+        orphan_after = getattr(backend, "orphan_after", orphan_age(10, 30))
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        dead_ids = [t._trial_id for t in running if why_dead(t, False, orphan_after)]
+    getter = getattr(store, "get_heartbeat_stale_trial_callback", lambda: None)
+    callback = getter() or on_failed
+    failed = []
+    for trial_id in dead_ids:
+        try:
+            if not store.set_trial_state_values(trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it first
+            continue
+        trial = copy.deepcopy(store.get_trial(trial_id))
+        failed.append(trial.number)
+        if callback is not None:
+            callback(study, trial)
+        else:
+            log.warning("trial %d failed: %s", trial.number, death_note(trial))
+    return failed
 
 
 def redact(url: str) -> str:
@@ -75,9 +282,12 @@ def open_storage(
     url: str, heartbeat_interval: int, grace_period: int, on_stale: StaleCallback | None = None
 ) -> BaseStorage:
     """RDB storage (SQLite in WAL mode with a long busy timeout, or any SQLAlchemy URL) with
-    heartbeats; `journal:<file>` for Optuna's journal file (no heartbeats there)."""
+    heartbeats; `journal:<file>` for Optuna's journal file (no heartbeats there). Either records
+    the process that owns each trial (OWNER_ATTR)."""
     if url.startswith(JOURNAL):
-        return JournalStorage(JournalFileBackend(url.removeprefix(JOURNAL)))
+        journal = OwnedJournalStorage(JournalFileBackend(url.removeprefix(JOURNAL)))
+        journal.orphan_after = orphan_age(heartbeat_interval, grace_period)
+        return journal
     engine_kwargs: dict = {"pool_pre_ping": True}
     ensure_postgres_database(url)
     if sqlite_path(url):
@@ -86,20 +296,28 @@ def open_storage(
         engine_kwargs = {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
+        rdb = OwnedRDBStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             heartbeat_stale_trial_callback=on_stale,
         )
+    rdb.orphan_after = orphan_age(heartbeat_interval, grace_period)
+    return rdb
 
 
-def load_study(url: str, name: str, heartbeat_interval: int, grace_period: int) -> optuna.Study:
+def load_study(
+    url: str,
+    name: str,
+    heartbeat_interval: int,
+    grace_period: int,
+    on_stale: StaleCallback | None = None,
+) -> optuna.Study:
     """An existing study, through open_storage like every other user of a study (journal: too);
     KeyError when there is none."""
     return optuna.load_study(
-        study_name=name, storage=open_storage(url, heartbeat_interval, grace_period)
+        study_name=name, storage=open_storage(url, heartbeat_interval, grace_period, on_stale)
     )
 
 
@@ -148,7 +366,7 @@ def retry_stale(max_retry: int, before: StaleCallback | None = None) -> StaleCal
         retry = retry_class(max_retry=max_retry)
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        log.warning("trial %d lost its worker (no heartbeat); retrying it", trial.number)
+        log.warning("trial %d failed: %s; retrying it", trial.number, death_note(trial))
         if before:
             before(study, trial)
         retry(study, trial)

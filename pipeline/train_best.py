@@ -381,7 +381,6 @@ def run(settings: Settings, promote: bool = False) -> dict:
     }
 
     client = runs.client_for(settings.tracking_uri)
-    experiment_id = runs.ensure_experiment(client, study.study_name, settings.artifact_root)
     started = time.time()
     tags = lineage_tags(study, best, client) | {
         "device": str(device),
@@ -389,13 +388,17 @@ def run(settings: Settings, promote: bool = False) -> dict:
         "data.fingerprint": faces.fingerprint,
         "split.digest": split.digest(),
     }
-    runs.reconcile(client, experiment_id, study, settings.heartbeat_interval, settings.grace_period)
-    run_name = f"train-best-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags[runs.HEARTBEAT_TAG] = str(int(time.time()))
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    monitor = runs.system_metrics(settings.tracking_uri, run_id, settings.system_metrics_interval)
-    alive = runs.heartbeat(client, run_id, settings.heartbeat_interval)
-    with runs.ended(client, run_id), alive, monitor:
+    with runs.stage_run(
+        client,
+        study.study_name,
+        f"train-best-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags,
+        study=study,
+        liveness=runs.Liveness.of(settings),
+        artifact_root=settings.artifact_root,
+        system_metrics=settings.system_metrics_interval,
+    ) as stage:
+        run_id = stage.run_id
         runs.log_params(
             client,
             run_id,

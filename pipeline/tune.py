@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -58,25 +57,24 @@ def run_workers(settings: Settings) -> dict:
         storage.open_storage(settings.storage, settings.heartbeat_interval, settings.grace_period),
     )
     until = workers.finished(study) + settings.n_trials
-    experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
-    runs.reconcile(client, experiment_id, study, settings.heartbeat_interval, settings.grace_period)
-    parent = runs.start_parent(
-        client,
-        experiment_id,
-        settings.study,
-        {"workers": str(settings.workers), "data.fingerprint": faces.fingerprint},
-    )
-    _log_setup(client, parent, settings, attrs, split, faces)
+
+    def summary(run_id: str) -> None:
+        runs.log_summary(client, run_id, study, settings.metric, plots=settings.study_plots)
+
+    tags = {"workers": str(settings.workers), "data.fingerprint": faces.fingerprint}
     # On Ctrl-C the workers got the same signal and close their own trials.
-    with runs.parent_run(
+    with runs.stage_run(
         client,
-        parent,
-        study,
-        settings.metric,
-        settings.heartbeat_interval,
-        plots=lambda: settings.study_plots,
-    ):
-        cmd = [sys.executable, "-m", __name__, parent, str(until)]  # worker_main, below
+        settings.study,
+        None,
+        tags,
+        study=study,
+        liveness=runs.Liveness.of(settings),
+        artifact_root=settings.artifact_root,
+        on_end=summary,
+    ) as stage:
+        _log_setup(client, stage.run_id, settings, attrs, split, faces)
+        cmd = [sys.executable, "-m", __name__, stage.run_id, str(until)]  # worker_main, below
         codes = workers.spawn(settings, cmd, until, study)
         if any(codes):
             raise RuntimeError(f"worker exit codes {codes}; see their messages above")
@@ -108,22 +106,14 @@ def run_worker(
 
     with storage.init_lock(settings.tracking_uri):
         client = runs.client_for(settings.tracking_uri)
-        experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
     run_tags = {
         "device": str(device),
         "precision": precision.name,
         "sampler": settings.sampler,
         "pruner": settings.pruner,
     }
-    own_parent = parent_run_id is None
-    parent = parent_run_id or runs.start_parent(
-        client,
-        experiment_id,
-        settings.study,
-        {**run_tags, "data.fingerprint": faces.fingerprint},
-    )
-    logger = runs.TrialLogger(client, experiment_id, parent, run_tags)
-    on_stale = storage.retry_stale(settings.max_retry, before=logger.stale)
+    # A trial found dead as another starts (Optuna's stale check): its run closed, then retried.
+    on_stale = runs.stale_callback(client, settings.max_retry)
     with storage.init_lock(settings.storage):
         study = open_study(
             settings,
@@ -133,31 +123,33 @@ def run_worker(
             ),
             salt=0 if until is None else os.getpid(),
         )
-    if own_parent:
-        runs.reconcile(
-            client, experiment_id, study, settings.heartbeat_interval, settings.grace_period
-        )
-        _log_setup(client, parent, settings, attrs, split, faces)
-    objective = make_objective(settings, train_set, val_set, logger, precision, form)
+    own_parent = parent_run_id is None
 
-    def last() -> bool:  # plots once, by whichever worker finishes last
-        if not settings.study_plots:
-            return False
-        return until is None or not workers.counts(study)[optuna.trial.TrialState.RUNNING]
-
-    lifecycle = (
-        runs.parent_run(
-            client, parent, study, settings.metric, settings.heartbeat_interval, plots=last
+    def summary(run_id: str) -> None:  # plots once, by whichever worker finishes last
+        plots = settings.study_plots and (
+            until is None or not workers.counts(study)[optuna.trial.TrialState.RUNNING]
         )
-        if own_parent
-        else contextlib.nullcontext()
+        runs.log_summary(client, run_id, study, settings.metric, plots=plots)
+
+    stage_run = runs.stage_run(
+        client,
+        settings.study,
+        None,
+        {**run_tags, "data.fingerprint": faces.fingerprint},
+        study=study,
+        liveness=runs.Liveness.of(settings),
+        artifact_root=settings.artifact_root,
+        parent=parent_run_id,
+        system_metrics=settings.system_metrics_interval if settings.tune_system_metrics else None,
+        on_end=summary,
     )
-    monitor = (
-        runs.system_metrics(settings.tracking_uri, parent, settings.system_metrics_interval)
-        if own_parent and settings.tune_system_metrics
-        else contextlib.nullcontext()
-    )
-    with lifecycle, monitor, catch_sigint():
+    with stage_run as stage, catch_sigint():
+        if own_parent:
+            _log_setup(client, stage.run_id, settings, attrs, split, faces)
+        logger = runs.TrialLogger(
+            client, stage.experiment_id, stage.run_id, run_tags, on_start=stage.reconcile
+        )
+        objective = make_objective(settings, train_set, val_set, logger, precision, form)
         _optimize(study, objective, logger, settings, until, progress)
         ran = logger.states.total()
         if ran and logger.states[optuna.trial.TrialState.FAIL] == ran:
@@ -227,10 +219,8 @@ def _optimize(
         study.optimize(claimed, n_trials=1, callbacks=[logger], catch=catch)
 
     lock = workers.ClaimLock(settings.storage, settings.study)
-    # A trial is sampled in seconds; ten grace periods without reaching the objective is a dead worker.
-    orphan_after = 10 * max(settings.grace_period, 3 * settings.heartbeat_interval)
     workers.optimize_until(
-        study, run_one, until, settings.timeout, settings.heartbeat_interval, lock, orphan_after
+        study, run_one, until, settings.timeout, settings.heartbeat_interval, lock
     )
 
 
@@ -288,16 +278,19 @@ def report_run(settings: Settings, run_id: str | None = None) -> str:
     study = storage.load_study(
         settings.storage, settings.study, settings.heartbeat_interval, settings.grace_period
     )
-    client = runs.client_for(settings.tracking_uri)
-    if run_id is None:
-        experiment_id = runs.ensure_experiment(client, settings.study, settings.artifact_root)
-        run_id = runs.start_parent(client, experiment_id, settings.study, {"faceopt.report": "1"})
-    else:
-        experiment_id = client.get_run(run_id).info.experiment_id
-    runs.reconcile(client, experiment_id, study, settings.heartbeat_interval, settings.grace_period)
-    with runs.ended(client, run_id), runs.heartbeat(client, run_id, settings.heartbeat_interval):
-        runs.log_summary(client, run_id, study, study.user_attrs.get("metric", settings.metric))
-    return run_id
+    with runs.stage_run(
+        settings.tracking_uri,
+        settings.study,
+        None,
+        {"faceopt.report": "1"},
+        study=study,
+        liveness=runs.Liveness.of(settings),
+        artifact_root=settings.artifact_root,
+        run_id=run_id,
+    ) as stage:
+        metric = study.user_attrs.get("metric", settings.metric)
+        runs.log_summary(stage.client, stage.run_id, study, metric)
+    return stage.run_id
 
 
 def worker_main(argv: list[str] | None = None) -> int:

@@ -260,39 +260,58 @@ def test_a_bug_keeps_its_traceback_a_user_error_does_not(monkeypatch, capsys) ->
 
 
 def test_reconcile_closes_what_a_killed_invocation_left_running(settings: Settings) -> None:
-    """A dead parent (old heartbeat) is KILLED at its last beat; a child takes its trial's final
-    state; a live parent and a child whose trial still runs are left alone."""
+    """A parent whose process is gone from this machine is KILLED at once (at its last beat),
+    whatever the grace period; one owned on another machine once its heartbeat is old; one whose
+    process runs here is left, however old its heartbeat (a suspended laptop wakes up). A child
+    takes its trial's final state; a child whose trial still runs is left alone."""
+    from dataclasses import replace
+
+    from pipeline.storage import Owner
     from pipeline.tracking import runs
 
     study = optuna.create_study(storage=settings.storage, study_name=settings.study)
     done = study.ask()
     study.tell(done, 0.75)
-    still = study.ask()  # RUNNING: Optuna's heartbeats decide about it, not reconcile
+    still = study.ask()  # RUNNING, without an owner record: its heartbeats decide, not reconcile
     client = runs.client_for(settings.tracking_uri)
     exp = runs.ensure_experiment(client, settings.study, settings.artifact_root)
-    dead = runs.start_parent(client, exp, settings.study, {})
-    client.set_tag(dead, runs.HEARTBEAT_TAG, "1000000000")  # 2001: long gone
-    live = runs.start_parent(client, exp, settings.study, {})
-    other = runs.start_parent(client, exp, "another-study", {})
-    client.set_tag(other, runs.HEARTBEAT_TAG, "1000000000")
+    me = Owner.current()
+
+    def parent(study: str, owner: Owner, beat: str | None = None) -> str:
+        run_id = runs.start_parent(client, exp, study, runs.owner_tags(owner))
+        if beat:
+            client.set_tag(run_id, runs.HEARTBEAT_TAG, beat)
+        return run_id
+
+    elsewhere = parent(settings.study, replace(me, machine="another-host"), "1000000000")  # 2001
+    gone = parent(settings.study, replace(me, started=me.started - 3600))  # its pid reused since
+    gone_beat = int(client.get_run(gone).data.tags[runs.HEARTBEAT_TAG])
+    live = parent(settings.study, me, "1000000000")  # alive here: its old beat does not matter
+    live_elsewhere = parent(settings.study, replace(me, machine="another-host"))
+    other = parent("another-study", replace(me, machine="another-host"), "1000000000")
     # An older faceopt's run (no heartbeat tag): alive or dead, nothing tells; it is left alone.
     legacy = client.create_run(exp, tags={"optuna.study": settings.study}).info.run_id
 
     def child(trial: optuna.Trial) -> str:
-        tags = {"mlflow.parentRunId": dead, "optuna.study": settings.study}
+        tags = {"mlflow.parentRunId": elsewhere, "optuna.study": settings.study}
         tags["optuna.trial_number"] = str(trial.number)
         return client.create_run(exp, tags=tags).info.run_id
 
     done_run, still_run = child(done), child(still)
 
-    assert runs.reconcile(client, exp, study, heartbeat_interval=10, grace_period=30) == 2
-    status = {r: client.get_run(r).info for r in (dead, live, other, legacy, done_run, still_run)}
-    assert status[dead].status == "KILLED" and status[dead].end_time == 1000000000 * 1000
-    assert {status[r].status for r in (live, other, legacy)} == {"RUNNING"}
+    assert runs.reconcile(client, exp, study, heartbeat_interval=10, grace_period=600) == 3
+    ids = (elsewhere, gone, live, live_elsewhere, other, legacy, done_run, still_run)
+    status = {r: client.get_run(r).info for r in ids}
+    assert status[elsewhere].status == "KILLED"
+    assert status[elsewhere].end_time == 1000000000 * 1000
+    assert status[gone].status == "KILLED" and status[gone].end_time == gone_beat * 1000
+    closed_by = client.get_run(gone).data.tags["faceopt.closed_by"]
+    assert closed_by == f"reconcile: its process {me} is gone"
+    assert {status[r].status for r in (live, live_elsewhere, other, legacy)} == {"RUNNING"}
     assert status[done_run].status == "FINISHED" and status[still_run].status == "RUNNING"
     finished = client.get_run(done_run).data
     assert finished.tags["state"] == "COMPLETE" and finished.metrics["objective"] == 0.75
-    assert runs.reconcile(client, exp, study, 10, 30) == 0  # nothing left to close
+    assert runs.reconcile(client, exp, study, 10, 600) == 0  # nothing left to close
 
 
 def test_a_live_parent_run_keeps_its_heartbeat(settings: Settings) -> None:

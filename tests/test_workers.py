@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import os
 import signal
 import subprocess
@@ -20,10 +20,18 @@ from optuna.trial import TrialState
 
 from pipeline import storage, tune
 from pipeline.config import Settings
+from pipeline.storage import Owner
+from pipeline.tracking import runs as tracking
 from pipeline.tracking.runs import RUN_ID_ATTR, WORKER_ATTR
 from pipeline.tuning import workers
 from pipeline.tuning.study import load_data
 from tests.conftest import free_port, server_process, synthetic_faces, write_csv
+
+
+def victim_owner(trial: optuna.trial.FrozenTrial) -> Owner:
+    owner = storage.trial_owner(trial)
+    assert owner is not None, trial.system_attrs
+    return owner
 
 
 def runs_by_trial(settings: Settings) -> dict[int, list]:
@@ -133,7 +141,11 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
     runs = runs_by_trial(slow)
     (killed_run,) = runs[victim.number]
     assert killed_run.info.status == "FAILED" and killed_run.data.tags["state"] == "FAIL"
-    assert "heartbeat" in killed_run.data.tags["error"]
+    # Found by its owner record (this machine, pid gone), not by waiting for its heartbeat.
+    assert (
+        killed_run.data.tags["error"]
+        == f"its worker process {victim_owner(victim)} is gone (killed?)"
+    )
     assert runs[retries[0].number][0].data.tags["optuna.retry_of"] == str(victim.number)
     assert not [r for rs in runs.values() for r in rs if r.info.status == "RUNNING"]
 
@@ -225,47 +237,77 @@ def test_mlflow_server_on_postgresql(postgres_database: str, tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_mlflow_tells_the_truth_after_a_killed_tune(tmp_path: Path, settings: Settings) -> None:
-    """SIGKILL a real `faceopt tune` mid-trial; the next `tune` closes its parent run as KILLED
-    and its trial's run as FAILED (Optuna fails the trial: no heartbeat), and leaves none RUNNING."""
+def test_a_killed_tune_is_closed_at_once_by_the_next(tmp_path: Path, settings: Settings) -> None:
+    """SIGKILL a real `faceopt tune` (its whole process group) mid-trial, then run `tune` again at
+    once. With a grace period of ten minutes only the owner records (this machine, a pid that is
+    gone) can tell that the killed invocation is dead: the resumed run fails and retries its
+    trial, closes its runs, keeps every finished trial, and leaves nothing RUNNING."""
+    epochs = 8
     slow = settings.model_copy(
         update={
             "data": write_csv(synthetic_faces(3000), tmp_path / "big.csv"),
-            "epochs": 4,
-            "n_trials": 50,
-            "heartbeat_interval": 1,
-            "grace_period": 3,
+            "epochs": epochs,
+            "n_trials": 200,
+            "grace_period": 600,
             "study": "killed-tune",
         }
     )
-    load_data(slow)
+    load_data(slow)  # decoded once, here
     env = os.environ | workers.settings_env(slow) | {"FACEOPT_TORCH_THREADS": "1"}
     with open(tmp_path / "tune.log", "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "tune"], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "pipeline.cli", "tune"],
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # its own process group, as a terminal's job
         )
 
-    def trials(state: optuna.trial.TrialState) -> list:
+    def study() -> optuna.Study | None:
         try:
-            study = optuna.load_study(study_name=slow.study, storage=slow.storage)
+            return optuna.load_study(study_name=slow.study, storage=slow.storage)
         except KeyError:
-            return []
-        return study.get_trials(states=[state])
+            return None
 
-    complete, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+    def mid_trial() -> bool:  # two trials done, one training with epochs still to go
+        found = study()
+        if found is None:
+            return False
+        trials = found.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        return len(done) >= 2 and any(
+            t.user_attrs.get(RUN_ID_ATTR) and 0 < len(t.intermediate_values) < epochs - 2
+            for t in running
+        )
 
-    def training() -> list:  # running, with its MLflow run made (and Optuna's first heartbeat)
-        return [t for t in trials(running) if t.user_attrs.get(RUN_ID_ATTR)]
-
-    # Killed before its first heartbeat, a trial would stay RUNNING in Optuna for good (stale
-    # trials are found by their heartbeats), with no MLflow run to judge: not this test's case.
-    wait_for(lambda: trials(complete) and training(), 240, "a complete and a training trial")
-    proc.send_signal(signal.SIGKILL)
+    wait_for(mid_trial, 240, "two complete trials and one mid-training")
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    (victim,) = trials(running)
-    time.sleep(4)  # past the grace period: the dead invocation's heartbeats have stopped
+    before = study().get_trials()
+    (victim,) = [t for t in before if t.state == TrialState.RUNNING]
+    finished = {t.number: (t.state, t.values) for t in before if t.state.is_finished()}
+    assert victim_owner(victim).pid == proc.pid
 
-    tune.run(slow.model_copy(update={"n_trials": 1}))
+    # `make tune N_TRIALS=2` at once, as a user would: its own process, one torch thread.
+    started = time.monotonic()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "tune"],
+        env=env | {"FACEOPT_N_TRIALS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert time.monotonic() - started < slow.grace_period  # no waiting for the grace period
+
+    after = study().get_trials()
+    assert not [t.number for t in after if t.state == TrialState.RUNNING]
+    assert {t.number: (t.state, t.values) for t in after if t.number in finished} == finished
+    assert after[victim.number].state == TrialState.FAIL
+    retries = [t for t in after if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == victim.params
 
     client = MlflowClient(slow.tracking_uri)
     exp = client.get_experiment_by_name(slow.study).experiment_id
@@ -277,36 +319,101 @@ def test_mlflow_tells_the_truth_after_a_killed_tune(tmp_path: Path, settings: Se
     )
     killed, resumed = parents
     assert killed.info.status == "KILLED" and resumed.info.status == "FINISHED"
+    assert (
+        killed.data.tags["faceopt.closed_by"]
+        == f"reconcile: its process {victim_owner(victim)} is gone"
+    )
     assert killed.info.end_time == int(killed.data.tags["faceopt.heartbeat"]) * 1000
     (victim_run,) = runs_by_trial(slow)[victim.number]
     assert victim_run.info.status == "FAILED" and victim_run.data.tags["state"] == "FAIL"
+    assert victim_run.data.tags["faceopt.pid"] == str(proc.pid)
+    assert "is gone" in victim_run.data.tags["error"]
+
+
+def set_owner(study: optuna.Study, trial: optuna.Trial, owner: Owner) -> None:
+    study._storage.set_trial_system_attr(trial._trial_id, storage.OWNER_ATTR, owner.record())
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
-def test_a_trial_whose_worker_died_while_it_was_sampled_is_failed_and_retried(
+def test_a_trial_whose_worker_died_is_failed_by_its_owner_record_or_its_age(
     tmp_path: Path,
 ) -> None:
-    """ask() makes a trial RUNNING before its heartbeat starts; a worker killed then leaves a
-    trial that Optuna's stale check never fails (so a run waiting for it would never end).
-    fail_orphans fails it once old enough and queues its retry; a trial whose objective started
-    (runs.WORKER_ATTR) is left to the heartbeats, and so is a young one."""
+    """Each trial records its owner process as it is created, before it is sampled. A trial whose
+    owner is gone from this machine is failed at the next stale check (as a trial starts),
+    heartbeat or none, whatever the grace period; one whose owner runs here is left, however old
+    its heartbeat. A trial owned on another machine keeps the heartbeat rule, and one that never
+    reached its objective there (no heartbeat yet) is failed once older than orphan_after (ten
+    grace periods). Each failed trial is queued again, once."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     store = storage.open_storage(url, 1, 1, storage.retry_stale(max_retry=2))
     study = optuna.create_study(study_name="s", storage=store, direction="maximize")
-    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # then the kill
-    alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    alive.set_user_attr(WORKER_ATTR, "host:1")
-    young = study.ask()
-    time.sleep(2.5)  # past the grace period: Optuna's own check still fails nothing
-    optuna.storages.fail_stale_trials(study)
-    assert {t.number: t.state for t in study.trials}[orphan.number] == TrialState.RUNNING
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    me = Owner.current()
+    elsewhere = dataclasses.replace(me, machine="another-host")
+    gone, mine, beating, sampled = (study.ask(x) for _ in range(4))
+    assert storage.trial_owner(study.trials[mine.number]) == me  # recorded by the storage
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    set_owner(study, gone, dataclasses.replace(me, pid=dead.pid))
+    set_owner(study, beating, elsewhere)
+    set_owner(study, sampled, elsewhere)
+    for trial in (mine, beating):  # their objectives started: heartbeats
+        trial.set_user_attr(WORKER_ATTR, "host:1")
+        store.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)  # past the grace period
 
-    started = {t.number: t.datetime_start for t in study.trials}
-    age = (datetime.datetime.now() - started[young.number]).total_seconds()
-    assert workers.fail_orphans(study, older_than=age + 60) == []
-    assert workers.fail_orphans(study, older_than=1) == [orphan.number, young.number]
+    optuna.storages.fail_stale_trials(study)  # what Optuna runs as a trial starts
     states = {t.number: t.state for t in study.trials}
-    assert states[orphan.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    assert states[gone.number] == states[beating.number] == TrialState.FAIL
+    assert states[mine.number] == states[sampled.number] == TrialState.RUNNING
+
+    store.orphan_after = 1  # ten grace periods, here a second
+    assert storage.fail_dead_trials(study) == [sampled.number]
+    assert storage.fail_dead_trials(study) == []  # nothing twice
+    assert {t.number: t.state for t in study.trials}[mine.number] == TrialState.RUNNING
     retried = [t for t in study.trials if t.state == TrialState.WAITING]
-    assert [t.params for t in retried] == [{"x": orphan.params["x"]}, {}]
-    assert workers.fail_orphans(study, older_than=1) == []  # nothing twice
+    assert [t.system_attrs["failed_trial"] for t in retried] == [
+        gone.number,
+        beating.number,
+        sampled.number,
+    ]
+    assert [t.params for t in retried] == [{"x": t.params["x"]} for t in (gone, beating, sampled)]
+    # Taken from the queue, a retry is owned by whoever takes it.
+    taken = study.ask()
+    assert storage.trial_owner(study.trials[taken.number]) == me
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_stage_closes_at_its_end_what_died_while_it_ran(settings: Settings) -> None:
+    """stage_run reconciles when it ends as well as when it starts: a trial and a run whose
+    process died while the stage ran are closed before the stage's process exits."""
+    study = optuna.create_study(
+        study_name=settings.study,
+        storage=storage.open_storage(settings.storage, 10, 600),
+        direction="maximize",
+    )
+    me = Owner.current()
+    dead = dataclasses.replace(me, started=me.started - 3600)  # this pid, another process
+    liveness = tracking.Liveness(heartbeat_interval=10, grace_period=600, max_retry=2)
+    with tracking.stage_run(
+        settings.tracking_uri,
+        settings.study,
+        None,
+        {"faceopt.report": "1"},
+        study=study,
+        liveness=liveness,
+        artifact_root=settings.artifact_root,
+    ) as stage:
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        set_owner(study, trial, dead)
+        other = tracking.start_parent(
+            stage.client, stage.experiment_id, settings.study, tracking.owner_tags(dead)
+        )
+        assert stage.client.get_run(other).info.status == "RUNNING"
+    client = stage.client
+    assert client.get_run(other).info.status == "KILLED"
+    assert client.get_run(stage.run_id).info.status == "FINISHED"
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.WAITING]  # failed and queued again
+    tags = client.get_run(stage.run_id).data.tags
+    assert tags["faceopt.pid"] == str(os.getpid()) and tags["optuna.study"] == settings.study

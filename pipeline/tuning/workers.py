@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import datetime
 import fcntl
 import hashlib
 import json
@@ -11,7 +9,6 @@ import logging
 import os
 import subprocess
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 
@@ -22,7 +19,6 @@ from tqdm.auto import tqdm
 
 from pipeline import storage
 from pipeline.config import Settings
-from pipeline.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -122,41 +118,6 @@ class ClaimLock:
                 handle.close()
 
 
-def fail_orphans(study: optuna.Study, older_than: float) -> list[int]:
-    """Fail the RUNNING trials that never reached the objective (no runs.WORKER_ATTR) and started
-    more than `older_than` seconds ago, and hand them to the storage's retry callback, as
-    Optuna's stale check does; their numbers.
-
-    Optuna's stale check only sees trials with a heartbeat, and a trial is RUNNING from the
-    start of ask() (relative sampling included) before its heartbeat starts: a worker killed in
-    between leaves the trial RUNNING for ever, and a run that waits for it never ends."""
-    storage = study._storage
-    now = datetime.datetime.now()  # Optuna's datetime_start is the worker's naive local time
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if runs.WORKER_ATTR in trial.user_attrs or trial.datetime_start is None:
-            continue
-        age = (now - trial.datetime_start).total_seconds()
-        if age <= older_than:
-            continue
-        try:
-            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
-            continue
-        failed.append(trial.number)
-        log.warning(
-            "trial %d has been RUNNING for %.0f s without reaching the objective (its worker "
-            "died while it was being sampled): failed",
-            trial.number,
-            age,
-        )
-        callback = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
-        if callback is not None:  # faceopt's: close the trial's MLflow run, queue it again
-            callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
-    return failed
-
-
 def optimize_until(
     study: optuna.Study,
     run_one: Callable[[Callable[[], None]], None],
@@ -164,11 +125,10 @@ def optimize_until(
     timeout: float | None,
     poll: float,
     lock: ClaimLock,
-    orphan_after: float,
 ) -> None:
     """Start trials while finished + running < until; then wait for the others, failing any trial
-    whose worker died (Optuna's stale check, and fail_orphans after `orphan_after` seconds), so
-    its retry gets run here.
+    whose worker died (storage.fail_dead_trials: its process gone from this machine, its
+    heartbeat stale, or sampled for ten grace periods), so its retry gets run here.
 
     run_one(started) runs one trial and calls started() once the trial exists in the storage;
     the claim lock is held from the count until then.
@@ -186,9 +146,6 @@ def optimize_until(
                 continue
             lock.release()
             time.sleep(poll)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            fail_orphans(study, orphan_after)
+            storage.fail_dead_trials(study)
     finally:
         lock.close()
