@@ -1,6 +1,7 @@
 """The documentation's screenshots, from a real browser (Debian's chromium) on real server processes:
-optuna-dashboard on a study, and the MLflow UI's experiment, train-best run, system metrics and
-registry pages, all on this folder's stores (FACEOPT_* settings as for any command).
+the service's upload page answering a photo, optuna-dashboard on a study, and the MLflow UI's
+experiment, train-best run, system metrics and registry pages, all on this folder's stores
+(FACEOPT_* settings as for any command).
 
     .venv/bin/python -m docs.screenshots --study faceopt-cpu --dashboard-study dashboard-demo
 """
@@ -14,7 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import skimage
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from pipeline import storage
 from pipeline.config import Settings
@@ -40,6 +43,17 @@ def shoot(page, url: str, selector: str, path: Path) -> None:
     log.info("wrote %s", path)
 
 
+def upload_page(page, url: str, photo: Path, path: Path) -> None:
+    """The service's page at `url` after a person picks `photo`: its answer, as they see it."""
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model').textContent.includes('version')")
+    page.set_input_files("#files", [str(photo)])
+    page.wait_for_selector(".prediction", timeout=60_000)
+    page.wait_for_timeout(500)  # the bars' width transition
+    page.screenshot(path=str(path), full_page=True)
+    log.info("wrote %s", path)
+
+
 def mlflow_pages(settings: Settings, study: str, model: str) -> list[tuple[str, str, str]]:
     """(url path, what to wait for, file name) of the MLflow pages worth showing."""
     client = MlflowClient(settings.tracking_uri)
@@ -50,7 +64,7 @@ def mlflow_pages(settings: Settings, study: str, model: str) -> list[tuple[str, 
     ml = "?workflowType=machine_learning"  # what `faceopt ui`'s link opens: the runs, not GenAI
     return [
         (experiment_page + ml, "text=train-best", "mlflow-experiment.png"),
-        (run + ml, "text=age_gender.csv.gz", "mlflow-train-best-run.png"),
+        (run + ml, "text=train-best-", "mlflow-train-best-run.png"),
         (f"{run}/system-metrics{ml}", "text=cpu_utilization", "mlflow-system-metrics.png"),
         (f"#/models/{model}{ml}", "text=Age bracket", "mlflow-registered-model.png"),
         (
@@ -74,12 +88,18 @@ def main() -> int:
     faceopt = [sys.executable, "-m", "pipeline.cli"]
     shown = args.dashboard_study or args.study
     study_id = storage.load_study(settings.storage, shown, 10, 30)._study_id
-    ui_port, dashboard_port = free_port(), free_port()
+    ui_port, dashboard_port, serve_port = free_port(), free_port(), free_port()
     ui, dashboard = f"http://127.0.0.1:{ui_port}", f"http://127.0.0.1:{dashboard_port}"
+    service = f"http://127.0.0.1:{serve_port}"
     logs = DOCS / ".logs"
     logs.mkdir(exist_ok=True)
+    # A photo anyone may show: NASA's portrait of Eileen Collins, shipped with scikit-image.
+    photo = logs / "astronaut.jpg"
+    Image.fromarray(skimage.data.astronaut()).save(photo, quality=90)
     env = dict(os.environ)
+    serve = [*faceopt, "serve", "--port", str(serve_port), "--model-name", args.model]
     with (
+        server_process(serve, f"{service}/ready", env, logs / "serve.log"),
         server_process([*faceopt, "ui", "--port", str(ui_port)], ui, env, logs / "ui.log"),
         server_process(
             [*faceopt, "dashboard", "--port", str(dashboard_port)],
@@ -91,6 +111,8 @@ def main() -> int:
     ):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
+            page = browser.new_page(viewport={"width": 1000, "height": 640})
+            upload_page(page, service, photo, DOCS / "upload-page.png")
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             shoot(
                 page,
