@@ -165,17 +165,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_train_best(args: argparse.Namespace) -> int:
     from pipeline import train_best
+    from pipeline.data import labels
 
     result = train_best.run(_settings(args), promote=args.promote)
-    heads = ", ".join(f"{h} {result[f'test_{h}_acc']:.4f}" for h in ("age", "ethnicity", "gender"))
+    heads = ", ".join(f"{h} {result.scores[f'test_{h}_acc']:.4f}" for h in labels.HEADS)
     print(
-        f"Registered {result['model']} version {result['version']} as '{result['alias']}' "
-        f"(run {result['run_id']}).\n"
-        f"  Best trial #{result['trial']}: validation {result['trial_value']:.4f}\n"
+        f"Registered {result.model} version {result.version} as '{result.alias}' "
+        f"(run {result.run_id}).\n"
+        f"  Best trial #{result.trial}: validation {result.trial_value:.4f}\n"
         f"  Test accuracy: {heads}\n"
-        f"  {'/'.join(map(str, result['epochs']))} epochs (best "
-        f"{'/'.join(map(str, result['best_epoch']))}) on {result['device']} "
-        f"({result['precision']}) in {result['wall_s']:.0f} s"
+        f"  {'/'.join(map(str, result.epochs))} epochs (best "
+        f"{'/'.join(map(str, result.best_epoch))}) on {result.device} "
+        f"({result.precision}) in {result.wall_s:.0f} s"
     )
     return 0
 

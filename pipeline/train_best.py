@@ -10,6 +10,7 @@ import tempfile
 import time
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -259,20 +260,6 @@ def choose_flip_average(net, val: train.Tensors, metric: str) -> tuple[bool, dic
     return flipped[key] > plain[key], scores
 
 
-def calibrate_and_test(
-    net, val: train.Tensors, test: train.Tensors, flip_average: bool
-) -> tuple[dict[str, float], dict, dict, dict[str, float]]:
-    """Temperatures fitted on validation; test predictions and calibration with and without them.
-    In fp32 whatever precision trained the weights, and with the version's flip averaging: the
-    card reports what the service answers."""
-    val_logits = train.predict_logits(net, val.x, flip_average=flip_average, d=val.d)
-    temperatures = {h: calibrate.fit_temperature(val_logits[h], val.y[h]) for h in labels.HEADS}
-    logits = train.predict_logits(net, test.x, flip_average=flip_average, d=test.d)
-    pred = {head: logits[head].argmax(1).cpu().numpy() for head in labels.HEADS}
-    truth = {head: y.cpu().numpy() for head, y in test.y.items()}
-    return temperatures, pred, truth, calibrate.report(logits, test.y, temperatures)
-
-
 def log_evaluation(
     client: MlflowClient,
     run_id: str,
@@ -327,15 +314,21 @@ def describe(
     run_id: str,
     edges: tuple[int, ...],
     scores: dict[str, float],
+    spec: InputSpec = SEED_FORM,
 ) -> None:
     """Registry pages that say what the model and this version are: what it predicts from what,
     and the version's test figures with the way to its model card."""
     names = labels.class_names(edges)
+    given = (
+        "uint8 (N, 200, 200, 3) colour face chips"
+        if spec.takes_chips
+        else "uint8 (N, 48, 48) grayscale faces"
+    )
     client.update_registered_model(
         name,
         description=(
-            "Age bracket, ethnicity and gender from a face: input uint8 (N, 48, 48) grayscale "
-            "faces cut as UTKFace's crops were; output per head the label and every class's "
+            f"Age bracket, ethnicity and gender from a face: input {given} cut as UTKFace's "
+            "crops were; output per head the label and every class's "
             "calibrated probability. Labels: "
             + "; ".join(f"{head}: {', '.join(classes)}" for head, classes in names.items())
             + ". Trained by faceopt train-best; the champion alias is what the service loads."
@@ -356,13 +349,104 @@ def describe(
     )
 
 
-def run(settings: Settings, promote: bool = False) -> dict:
-    """Retrain, evaluate, register; returns what happened (version, alias, metrics)."""
+@dataclass(frozen=True)
+class Retraining:
+    """What train-best retrains: the study's best trial, on the faces and split it chose on."""
+
+    settings: Settings
+    study: optuna.Study
+    best: optuna.trial.FrozenTrial
+    params: dict
+    edges: tuple[int, ...]
+    metric: str
+    seed: int
+    spec: InputSpec
+    faces: dataset.FaceSet
+    split: dataset.Split
+    device: torch.device
+    precision: train.Precision
+    sets: dict[str, train.Tensors]  # train, val, test on the device
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The retrained network and what validation decided for it."""
+
+    net: torch.nn.Module
+    epochs: list[int]  # one per ensemble member
+    best_epochs: list[int]
+    flip: bool
+    temperatures: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What train-best did: the version it registered, where the alias went, its test figures."""
+
+    model: str
+    version: str
+    alias: str
+    run_id: str
+    trial: int
+    trial_value: float
+    epochs: list[int]  # one per ensemble member
+    best_epoch: list[int]
+    device: str
+    precision: str
+    wall_s: float
+    scores: dict[str, float]  # test_<head>_acc with their intervals, F1 and more
+    calibration: dict[str, float]
+
+
+def run(settings: Settings, promote: bool = False) -> Result:
+    """Retrain the study's best trial, test it once, register it and offer it to the champion
+    gate; what happened comes back as a Result."""
+    job = prepare(settings)
+    started = time.time()
+    with training_run(job) as stage:
+        client, run_id = stage.client, stage.run_id
+        log_setup(client, run_id, job)
+        trained = fit(client, run_id, job)
+        scores, calibration = evaluate_once(client, run_id, job, trained)
+        wall = {"wall_s": time.time() - started} | {
+            member_key("best_epoch", i, len(trained.best_epochs)): b
+            for i, b in enumerate(trained.best_epochs)
+        }
+        runs.log_metrics(client, run_id, wall)
+        version = register(client, run_id, job, trained, scores)
+        alias = champion.gate(
+            client,
+            settings.model_name,
+            version,
+            functools.partial(validation_inputs, settings, job.split, (job.spec, job.faces)),
+            job.faces.targets(job.split.val, job.edges),
+            job.metric,
+            (job.faces.fingerprint, job.split.digest()),
+            promote,
+        )
+    return Result(
+        model=settings.model_name,
+        version=version,
+        alias=alias,
+        run_id=run_id,
+        trial=job.best.number,
+        trial_value=job.best.value,
+        epochs=trained.epochs,
+        best_epoch=trained.best_epochs,
+        device=str(job.device),
+        precision=job.precision.name,
+        wall_s=time.time() - started,
+        scores=scores,
+        calibration=calibration,
+    )
+
+
+def prepare(settings: Settings) -> Retraining:
+    """The study's best trial, its input form, faces, split and device, ready to train."""
     settings = for_study(settings)
     study, best, params = load_best(settings)
     attrs = study.user_attrs
-    edges, metric = tuple(attrs["age_edges"]), attrs["metric"]
-    seed = trial_seed(best, settings)
+    edges = tuple(attrs["age_edges"])
     spec = network.input_spec(params, data_form(attrs))
     faces, split = study_split(settings, attrs, spec)
     device = train.select_device()
@@ -379,137 +463,150 @@ def run(settings: Settings, promote: bool = False) -> dict:
         part: train.to_tensors(faces, getattr(split, part), edges, device, spec)
         for part in ("train", "val", "test")
     }
+    return Retraining(
+        settings=settings,
+        study=study,
+        best=best,
+        params=params,
+        edges=edges,
+        metric=attrs["metric"],
+        seed=trial_seed(best, settings),
+        spec=spec,
+        faces=faces,
+        split=split,
+        device=device,
+        precision=precision,
+        sets=sets,
+    )
 
-    client = runs.client_for(settings.tracking_uri)
-    started = time.time()
-    tags = lineage_tags(study, best, client) | {
-        "device": str(device),
-        "precision": precision.name,
-        "data.fingerprint": faces.fingerprint,
-        "split.digest": split.digest(),
+
+def training_run(job: Retraining) -> contextlib.AbstractContextManager[runs.Stage]:
+    """The MLflow run of this retraining, in the study's experiment, tagged with its lineage."""
+    client = runs.client_for(job.settings.tracking_uri)
+    tags = lineage_tags(job.study, job.best, client) | {
+        "device": str(job.device),
+        "precision": job.precision.name,
+        "data.fingerprint": job.faces.fingerprint,
+        "split.digest": job.split.digest(),
     }
-    with runs.stage_run(
+    return runs.stage_run(
         client,
-        study.study_name,
+        job.study.study_name,
         f"train-best-{time.strftime('%Y%m%d-%H%M%S')}",
         tags,
-        study=study,
-        liveness=runs.Liveness.of(settings),
-        artifact_root=settings.artifact_root,
-        system_metrics=settings.system_metrics_interval,
-    ) as stage:
-        run_id = stage.run_id
-        runs.log_params(
-            client,
-            run_id,
-            params
-            | {
-                "seed": seed,
-                "train_epochs": settings.train_epochs,
-                "patience": settings.patience,
-                "ensemble": settings.ensemble,
-                "input_size": spec.size,
-                "colour": spec.colour,
-                "features": spec.features,
-                "descriptor": spec.descriptor_kind,
-            },
-        )
-        runs.log_dataset(
-            client, run_id, str(settings.data), faces.fingerprint, split.sizes(), "training"
-        )
+        study=job.study,
+        liveness=runs.Liveness.of(job.settings),
+        artifact_root=job.settings.artifact_root,
+        system_metrics=job.settings.system_metrics_interval,
+    )
 
-        def log_scores(scores: dict[str, float], epoch: int) -> None:
-            runs.log_metrics(client, run_id, scores, step=epoch)
 
-        fit = functools.partial(
-            fit_best,
-            params,
-            sets,
-            settings,
-            metric=metric,
-            classes=labels.num_classes(edges),
-            precision=precision,
-            spec=spec,
-        )
-        net, epochs, best_epochs = fit_members(fit, settings.ensemble, seed, log_scores)
-        flip, flip_scores = choose_flip_average(net, sets["val"], metric)
-        runs.log_metrics(client, run_id, flip_scores)
-        runs.log_params(client, run_id, {"flip_average": flip})
-        temperatures, pred, truth, calibration = calibrate_and_test(
-            net, sets["val"], sets["test"], flip
-        )
-        runs.log_metrics(client, run_id, calibration)
-        card = {
-            "model_name": settings.model_name,
-            "brackets": labels.bracket_names(edges),
-            "data": settings.data,
-            "fingerprint": faces.fingerprint,
-            "n_faces": len(faces),
-            "split": split.summary(),
-            "study": study.study_name,
-            "trial": best.number,
-            "metric": metric,
-            "trial_value": best.value,
-            "epochs": epochs,
-            "best_epoch": best_epochs,
-            "seed": seed,
-            "device": device,
-            "precision": precision.name,
-            "params": params,
-            "flip_average": flip,
-            "input": spec.to_meta(),
-            "calibration": calibration,
-        }
-        scores = log_evaluation(client, run_id, pred, truth, edges, card)
-        wall = {"wall_s": time.time() - started} | {
-            member_key("best_epoch", i, len(best_epochs)): b for i, b in enumerate(best_epochs)
-        }
-        runs.log_metrics(client, run_id, wall)
-        version = package.log_and_register(
-            settings.tracking_uri,
-            run_id,
-            net,
-            params,
-            edges,
-            temperatures,
-            settings.model_name,
-            precision.name,
-            flip,
-            spec,
-        )
-        for tag, value in {
-            **scores,
-            "optuna.study": study.study_name,
-            "optuna.best_trial": best.number,
-            "faceopt.best_trial_run_id": best.user_attrs.get(runs.RUN_ID_ATTR, ""),
-            "data.fingerprint": faces.fingerprint,
-            "split.digest": split.digest(),
-        }.items():
-            client.set_model_version_tag(settings.model_name, version.version, tag, str(value))
-        describe(client, settings.model_name, version.version, run_id, edges, scores)
-        data_key = (faces.fingerprint, split.digest())
-        alias = champion.gate(
-            client,
-            settings.model_name,
-            version.version,
-            functools.partial(validation_inputs, settings, split, (spec, faces)),
-            faces.targets(split.val, edges),
-            metric,
-            data_key,
-            promote,
-        )
-    return {
-        "model": settings.model_name,
-        "version": str(version.version),
-        "alias": alias,
-        "run_id": run_id,
-        "trial": best.number,
-        "trial_value": best.value,
-        "best_epoch": best_epochs,  # one per ensemble member
-        "epochs": epochs,
-        "device": str(device),
-        "precision": precision.name,
-        "wall_s": time.time() - started,
-        **scores,
-        **calibration,
+def log_setup(client: MlflowClient, run_id: str, job: Retraining) -> None:
+    """The trial's params, the retraining's budgets and input form, and the data, on the run."""
+    settings, spec = job.settings, job.spec
+    budgets = {
+        "seed": job.seed,
+        "train_epochs": settings.train_epochs,
+        "patience": settings.patience,
+        "ensemble": settings.ensemble,
+        "input_size": spec.size,
+        "colour": spec.colour,
+        "features": spec.features,
+        "descriptor": spec.descriptor_kind,
     }
+    runs.log_params(client, run_id, job.params | budgets)
+    sizes = job.split.sizes()
+    runs.log_dataset(client, run_id, str(settings.data), job.faces.fingerprint, sizes, "training")
+
+
+def fit(client: MlflowClient, run_id: str, job: Retraining) -> Trained:
+    """Train the ensemble's members with early stopping, then decide flip averaging and fit the
+    temperatures on validation (the test split chooses nothing)."""
+
+    def log_scores(scores: dict[str, float], epoch: int) -> None:
+        runs.log_metrics(client, run_id, scores, step=epoch)
+
+    fit_one = functools.partial(
+        fit_best,
+        job.params,
+        job.sets,
+        job.settings,
+        metric=job.metric,
+        classes=labels.num_classes(job.edges),
+        precision=job.precision,
+        spec=job.spec,
+    )
+    net, epochs, best_epochs = fit_members(fit_one, job.settings.ensemble, job.seed, log_scores)
+    flip, flip_scores = choose_flip_average(net, job.sets["val"], job.metric)
+    runs.log_metrics(client, run_id, flip_scores)
+    runs.log_params(client, run_id, {"flip_average": flip})
+    val = job.sets["val"]
+    val_logits = train.predict_logits(net, val.x, flip_average=flip, d=val.d)
+    temperatures = {h: calibrate.fit_temperature(val_logits[h], val.y[h]) for h in labels.HEADS}
+    return Trained(net, epochs, best_epochs, flip, temperatures)
+
+
+def evaluate_once(
+    client: MlflowClient, run_id: str, job: Retraining, trained: Trained
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The one look at the test split: accuracies with intervals, calibration, per-group table
+    and model card on the run; in fp32 and with the version's flip averaging, as served."""
+    data = job.sets["test"]
+    logits = train.predict_logits(trained.net, data.x, flip_average=trained.flip, d=data.d)
+    pred = {head: logits[head].argmax(1).cpu().numpy() for head in labels.HEADS}
+    truth = {head: y.cpu().numpy() for head, y in data.y.items()}
+    calibration = calibrate.report(logits, data.y, trained.temperatures)
+    runs.log_metrics(client, run_id, calibration)
+    card = {
+        "model_name": job.settings.model_name,
+        "brackets": labels.bracket_names(job.edges),
+        "data": job.settings.data,
+        "fingerprint": job.faces.fingerprint,
+        "n_faces": len(job.faces),
+        "split": job.split.summary(),
+        "study": job.study.study_name,
+        "trial": job.best.number,
+        "metric": job.metric,
+        "trial_value": job.best.value,
+        "epochs": trained.epochs,
+        "best_epoch": trained.best_epochs,
+        "seed": job.seed,
+        "device": job.device,
+        "precision": job.precision.name,
+        "params": job.params,
+        "flip_average": trained.flip,
+        "input": job.spec.to_meta(),
+        "calibration": calibration,
+    }
+    return log_evaluation(client, run_id, pred, truth, job.edges, card), calibration
+
+
+def register(
+    client: MlflowClient, run_id: str, job: Retraining, trained: Trained, scores: dict[str, float]
+) -> str:
+    """Log the network as a pyfunc version of the registered model, with its lineage and test
+    figures as tags and in its description; the new version's number."""
+    name = job.settings.model_name
+    version = package.log_and_register(
+        job.settings.tracking_uri,
+        run_id,
+        trained.net,
+        job.params,
+        job.edges,
+        trained.temperatures,
+        name,
+        job.precision.name,
+        trained.flip,
+        job.spec,
+    ).version
+    for tag, value in {
+        **scores,
+        "optuna.study": job.study.study_name,
+        "optuna.best_trial": job.best.number,
+        "faceopt.best_trial_run_id": job.best.user_attrs.get(runs.RUN_ID_ATTR, ""),
+        "data.fingerprint": job.faces.fingerprint,
+        "split.digest": job.split.digest(),
+    }.items():
+        client.set_model_version_tag(name, version, tag, str(value))
+    describe(client, name, version, run_id, job.edges, scores, job.spec)
+    return str(version)

@@ -57,7 +57,7 @@ def test_other_age_brackets_end_to_end(settings: Settings) -> None:
     )
     tune.run(mine)
     result = train_best.run(mine)
-    assert result["alias"] == "champion"
+    assert result.alias == "champion"
     with TestClient(create_app(mine), base_url=LOCAL) as client:
         info = client.get("/model").json()
         assert info["age_edges"] == list(edges)

@@ -248,23 +248,23 @@ def test_reload_swaps_versions_and_a_failed_reload_keeps_the_old(registered: Set
         new = train_best.run(registered, promote=True)
         assert c.post("/reload").status_code == 401
         auth = {"Authorization": "Bearer s3cret"}
-        assert c.post("/reload", headers=auth).json()["version"] == new["version"] != before
-        assert c.get("/model").json()["version"] == new["version"]
+        assert c.post("/reload", headers=auth).json()["version"] == new.version != before
+        assert c.get("/model").json()["version"] == new.version
 
         # A champion whose files are gone: the reload fails, says why, and the old one serves on.
         broken = train_best.run(registered, promote=True)
-        source = client.get_model_version("faces", broken["version"]).source
+        source = client.get_model_version("faces", broken.version).source
         model_id = source.removeprefix("models:/")
         logged = client.get_logged_model(model_id).artifact_location.removeprefix("file://")
         shutil.rmtree(logged)
         r = c.post("/reload", headers=auth)
         assert (
-            r.status_code == 503 and f"still serving version {new['version']}" in r.json()["detail"]
+            r.status_code == 503 and f"still serving version {new.version}" in r.json()["detail"]
         )
-        assert c.get("/model").json()["version"] == new["version"]
+        assert c.get("/model").json()["version"] == new.version
         assert (
             c.post("/predict", files=[upload("a.jpg", image_bytes())]).json()["model"]["version"]
-            == new["version"]
+            == new.version
         )
     client.set_registered_model_alias("faces", "champion", "1")  # leave the module's store as found
 

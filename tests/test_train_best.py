@@ -58,19 +58,19 @@ def test_champion_then_challenger_then_fresh_process_predicts(
     tuned: Settings, monkeypatch, tmp_path: Path
 ) -> None:
     first = train_best.run(tuned)
-    assert (first["version"], first["alias"]) == ("1", "champion")
+    assert (first.version, first.alias) == ("1", "champion")
     client = MlflowClient(tuned.tracking_uri)
     v1 = client.get_model_version_by_alias("faces", "champion")
     assert str(v1.version) == "1" and v1.tags["optuna.study"] == tuned.study
-    assert float(v1.tags["test_age_acc"]) == pytest.approx(first["test_age_acc"])
+    assert float(v1.tags["test_age_acc"]) == pytest.approx(first.scores["test_age_acc"])
     # The registry pages say what the model and the version are.
     model = client.get_registered_model("faces")
     assert "Age bracket, ethnicity and gender" in model.description
     assert "ethnicity: White, Black, Asian, Indian, Other" in model.description
-    assert f"age {first['test_age_acc']:.1%}" in v1.description
-    assert f"evaluation/model_card.md of run {first['run_id']}" in v1.description
+    assert f"age {first.scores['test_age_acc']:.1%}" in v1.description
+    assert f"evaluation/model_card.md of run {first.run_id}" in v1.description
     # Flip averaging was decided on validation, both ways recorded, and went into the version.
-    run = client.get_run(first["run_id"]).data
+    run = client.get_run(first.run_id).data
     assert {"val_mean_acc_plain", "val_mean_acc_flip_average"} <= set(run.metrics)
     chosen = run.metrics["val_mean_acc_flip_average"] > run.metrics["val_mean_acc_plain"]
     assert run.params["flip_average"] == str(chosen)
@@ -79,16 +79,16 @@ def test_champion_then_challenger_then_fresh_process_predicts(
     parent = next(
         r
         for r in client.search_runs([client.get_experiment_by_name(tuned.study).experiment_id])
-        if "mlflow.parentRunId" not in r.data.tags and r.info.run_id != first["run_id"]
+        if "mlflow.parentRunId" not in r.data.tags and r.info.run_id != first.run_id
     )
-    for run_id, context in ((parent.info.run_id, "tuning"), (first["run_id"], "training")):
+    for run_id, context in ((parent.info.run_id, "tuning"), (first.run_id, "training")):
         (found,) = client.get_run(run_id).inputs.dataset_inputs
         assert found.dataset.digest == faces.fingerprint[:16]
         assert found.dataset.name == Path(tuned.data).name
         assert json.loads(found.dataset.profile) == split.sizes()
         assert [(t.key, t.value) for t in found.tags] == [("mlflow.data.context", context)]
     # MLflow's system metrics on the training run, and (tune_system_metrics) the study's run.
-    for run_id in (parent.info.run_id, first["run_id"]):
+    for run_id in (parent.info.run_id, first.run_id):
         recorded = client.get_run(run_id).data.metrics
         assert "system/cpu_utilization_percentage" in recorded, sorted(recorded)
         assert "system/system_memory_usage_megabytes" in recorded
@@ -99,17 +99,17 @@ def test_champion_then_challenger_then_fresh_process_predicts(
     # Deliberately worse: the same recipe with every optimisation step skipped (untrained net).
     monkeypatch.setattr(train, "train_epoch", lambda *args, **kwargs: 1.0)
     second = train_best.run(tuned)
-    assert second["test_age_acc"] < first["test_age_acc"]
-    assert (second["version"], second["alias"]) == ("2", "challenger")
+    assert second.scores["test_age_acc"] < first.scores["test_age_acc"]
+    assert (second.version, second.alias) == ("2", "challenger")
     assert str(client.get_model_version_by_alias("faces", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("faces", "challenger").version) == "2"
 
     # Lineage: the training run leads back to the trial and the study's parent run.
-    run = client.get_run(first["run_id"])
+    run = client.get_run(first.run_id)
     trial_run = client.get_run(run.data.tags["faceopt.best_trial_run_id"])
     assert trial_run.data.tags["optuna.trial_number"] == run.data.tags["optuna.best_trial"]
     assert run.data.tags["faceopt.study_parent_run_id"] == trial_run.data.tags["mlflow.parentRunId"]
-    evaluation = {Path(a.path).name for a in client.list_artifacts(first["run_id"], "evaluation")}
+    evaluation = {Path(a.path).name for a in client.list_artifacts(first.run_id, "evaluation")}
     assert {
         "confusion_age.png",
         "confusion_ethnicity.png",
@@ -139,9 +139,8 @@ def test_champion_then_challenger_then_fresh_process_predicts(
 def test_same_seed_gives_identical_test_metrics(tuned: Settings) -> None:
     a = train_best.run(tuned)
     b = train_best.run(tuned)
-    keys = [k for k in a if k.startswith("test_")]
-    assert keys and {k: a[k] for k in keys} == {k: b[k] for k in keys}
-    assert a["best_epoch"] == b["best_epoch"]
+    assert a.scores and a.scores == b.scores
+    assert a.best_epoch == b.best_epoch
 
 
 def test_an_ensembles_first_member_is_the_trial_and_the_version_carries_every_member(
@@ -157,23 +156,23 @@ def test_an_ensembles_first_member_is_the_trial_and_the_version_carries_every_me
     alone = train_best.run(tuned)
     pair = train_best.run(tuned.model_copy(update={"ensemble": 2}))
     client = MlflowClient(tuned.tracking_uri)
-    run = client.get_run(pair["run_id"]).data
+    run = client.get_run(pair.run_id).data
     assert run.params["ensemble"] == "2"
     assert {"member0_best_epoch", "member1_best_epoch", "member1_val_mean_acc"} <= set(run.metrics)
 
     def history(run_id: str, key: str) -> list[float]:
         return [m.value for m in client.get_metric_history(run_id, key)]
 
-    first = history(pair["run_id"], "member0_val_mean_acc")
-    assert first == history(alone["run_id"], "val_mean_acc") and len(first) == 3
-    assert history(pair["run_id"], "member1_val_loss") != history(
-        pair["run_id"], "member0_val_loss"
+    first = history(pair.run_id, "member0_val_mean_acc")
+    assert first == history(alone.run_id, "val_mean_acc") and len(first) == 3
+    assert history(pair.run_id, "member1_val_loss") != history(
+        pair.run_id, "member0_val_loss"
     )
     mlflow.set_tracking_uri(tuned.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/faces/{pair['version']}").unwrap_python_model()
+    model = mlflow.pyfunc.load_model(f"models:/faces/{pair.version}").unwrap_python_model()
     assert isinstance(model.net, network.Ensemble) and len(model.net.members) == 2
     assert model.meta["members"] == 2
-    card = Path(client.download_artifacts(pair["run_id"], "evaluation/model_card.md")).read_text()
+    card = Path(client.download_artifacts(pair.run_id, "evaluation/model_card.md")).read_text()
     assert "ensemble of 2 networks (seeds" in card
 
 
@@ -210,18 +209,18 @@ def test_gate_reads_validation_only_and_refuses_other_splits(tuned: Settings, mo
     faces, split = train_best.study_split(tuned, attrs, SEED_FORM)
     # The gate saw exactly the validation faces: never a test row.
     assert np.array_equal(seen[0], faces.images[split.val])
-    assert first["alias"] == "champion"
+    assert first.alias == "champion"
     seed = train_best.load_best(tuned)[1].user_attrs["seed"]
     client = MlflowClient(tuned.tracking_uri)
-    assert client.get_run(first["run_id"]).data.params["seed"] == str(seed)  # the trial's seed
+    assert client.get_run(first.run_id).data.params["seed"] == str(seed)  # the trial's seed
 
     # A champion of another split is not compared: the new version waits as challenger...
     client.set_model_version_tag("faces", "1", "split.digest", "another-split")
     second = train_best.run(tuned)
-    assert second["alias"] == "challenger"
+    assert second.alias == "challenger"
     assert str(client.get_model_version_by_alias("faces", "champion").version) == "1"
     # ...unless promotion is forced.
-    assert train_best.run(tuned, promote=True)["alias"] == "champion"
+    assert train_best.run(tuned, promote=True).alias == "champion"
 
 
 def test_registry_outage_is_not_read_as_no_champion(monkeypatch) -> None:
@@ -260,7 +259,7 @@ def test_journal_storage_end_to_end(settings: Settings, tmp_path: Path, capsys) 
     assert cli.main(["report", *flags]) == 0
     assert f"plots and summary of study {journal.study!r} logged to run" in capsys.readouterr().out
     result = train_best.run(journal)
-    assert result["alias"] == "champion" and result["epochs"] == [2]
+    assert result.alias == "champion" and result.epochs == [2]
     from pipeline import compare
 
     studies = compare.run_studies(journal.model_copy(update={"n_trials": 1}), ["random"], 1, "j")
@@ -290,7 +289,7 @@ def test_train_best_after_tune_needs_no_settings_repeated(
     assert train_best.for_study(Settings(**stores, study="older")).study == "older"
     assert train_best.for_study(bare.model_copy(update={"train_epochs": 2})).train_epochs == 2
     result = train_best.run(bare.model_copy(update={"train_epochs": 2}))
-    assert result["alias"] == "champion" and result["epochs"] == [2]
+    assert result.alias == "champion" and result.epochs == [2]
 
 
 def test_train_best_lists_the_studies_when_the_choice_is_not_clear(
