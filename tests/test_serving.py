@@ -258,9 +258,7 @@ def test_reload_swaps_versions_and_a_failed_reload_keeps_the_old(registered: Set
         logged = client.get_logged_model(model_id).artifact_location.removeprefix("file://")
         shutil.rmtree(logged)
         r = c.post("/reload", headers=auth)
-        assert (
-            r.status_code == 503 and f"still serving version {new.version}" in r.json()["detail"]
-        )
+        assert r.status_code == 503 and f"still serving version {new.version}" in r.json()["detail"]
         assert c.get("/model").json()["version"] == new.version
         assert (
             c.post("/predict", files=[upload("a.jpg", image_bytes())]).json()["model"]["version"]

@@ -165,9 +165,7 @@ def test_an_ensembles_first_member_is_the_trial_and_the_version_carries_every_me
 
     first = history(pair.run_id, "member0_val_mean_acc")
     assert first == history(alone.run_id, "val_mean_acc") and len(first) == 3
-    assert history(pair.run_id, "member1_val_loss") != history(
-        pair.run_id, "member0_val_loss"
-    )
+    assert history(pair.run_id, "member1_val_loss") != history(pair.run_id, "member0_val_loss")
     mlflow.set_tracking_uri(tuned.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/faces/{pair.version}").unwrap_python_model()
     assert isinstance(model.net, network.Ensemble) and len(model.net.members) == 2
