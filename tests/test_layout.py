@@ -63,30 +63,27 @@ def test_stages_are_not_imported_by_the_packages_under_them() -> None:
         assert not imported_parts(path) & (STAGES | {"cli"}), path
 
 
+def imported_modules(path: Path) -> list[str]:
+    """Every module a file imports, by its full dotted name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+    return found
+
+
 def test_tests_do_not_import_bench_or_each_other() -> None:
     """Shared helpers live in tests/conftest.py (or pipeline/testkit.py, shared with bench/ and
     docs/); bench/ is a user of the code, not a library."""
     for path in (ROOT / "tests").glob("test_*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                modules = [node.module]
-            elif isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            else:
-                continue
-            for module in modules:
-                assert not module.startswith(("bench", "tests.test_")), f"{path.name}: {module}"
+        for module in imported_modules(path):
+            assert not module.startswith(("bench", "tests.test_")), f"{path.name}: {module}"
 
 
 def test_bench_and_docs_do_not_import_the_tests() -> None:
     """What they share with the tests is in pipeline/testkit.py: tests/ is no library."""
     for path in [*ROOT.glob("bench/*.py"), *ROOT.glob("docs/*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                modules = [node.module]
-            elif isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            else:
-                continue
-            for module in modules:
-                assert module.split(".")[0] != "tests", f"{path.relative_to(ROOT)}: {module}"
+        for module in imported_modules(path):
+            assert module.split(".")[0] != "tests", f"{path.relative_to(ROOT)}: {module}"
