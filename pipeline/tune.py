@@ -32,7 +32,7 @@ class TrialsFailed(FaceoptError):
     """Every trial this invocation ran failed: a broken objective must not look like a result."""
 
 
-def run(settings: Settings) -> dict:
+def run(settings: Settings) -> report.StudySummary:
     """Add settings.n_trials trials to the study, in this process or in settings.workers processes."""
     if settings.enqueue:  # a bad file fails now, not after the data is decoded
         read_enqueue(settings.enqueue, settings.space, settings.features)
@@ -47,7 +47,7 @@ def run(settings: Settings) -> dict:
     return result
 
 
-def run_workers(settings: Settings) -> dict:
+def run_workers(settings: Settings) -> report.StudySummary:
     """Spawn worker processes on one study under one parent run; plots and summary made once here."""
     faces, split, attrs = load_data(settings)
     client = runs.client_for(settings.tracking_uri)
@@ -86,7 +86,7 @@ def run_worker(
     parent_run_id: str | None = None,
     until: int | None = None,
     progress: bool = True,
-) -> dict:
+) -> report.StudySummary:
     """Run trials in this process: n_trials more, or (until) to that many finished in the study.
 
     With parent_run_id the trials' runs go under that run (a coordinator's); otherwise this

@@ -46,7 +46,7 @@ def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> 
 
     monkeypatch.setattr(train, "fit", fit_failing_trial_two)
     summary = tune.run(settings.model_copy(update={"n_trials": 4, "study_plots": True}))
-    assert (summary["trials"], summary["complete"], summary["pruned"], summary["fail"]) == (
+    assert (summary.trials, summary.complete, summary.pruned, summary.fail) == (
         4,
         2,
         1,
@@ -100,7 +100,7 @@ def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> 
 def test_second_run_resumes_the_study(settings: Settings) -> None:
     tune.run(settings.model_copy(update={"n_trials": 2}))
     summary = tune.run(settings.model_copy(update={"n_trials": 2}))
-    assert summary["trials"] == 4
+    assert summary.trials == 4
     study = optuna.load_study(study_name=settings.study, storage=settings.storage)
     params = [t.params for t in study.trials]
     assert params[2] != params[0] and params[3] != params[1]  # no replay of the first draws
@@ -124,7 +124,7 @@ def test_study_with_other_data_is_refused(settings: Settings, tmp_path: Path) ->
 
 def test_parallel_threads_log_every_trial(settings: Settings) -> None:
     summary = tune.run(settings.model_copy(update={"n_trials": 4, "n_jobs": 2, "sampler": "tpe"}))
-    assert summary["complete"] == 4
+    assert summary.complete == 4
     _, _, children = child_runs(settings)
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
     assert len({r.data.tags["optuna.trial_number"] for r in children}) == 4
@@ -199,8 +199,8 @@ def test_cli_errors_say_what_to_do(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_real_data_study(real_csv: Path, settings: Settings) -> None:
     summary = tune.run(settings.model_copy(update={"data": real_csv, "n_trials": 2, "epochs": 1}))
-    assert summary["complete"] == 2
-    assert 0.45 < summary["best_value"] <= 1.0  # age-bracket accuracy after one epoch
+    assert summary.complete == 2
+    assert 0.45 < summary.best_value <= 1.0  # age-bracket accuracy after one epoch
     _, parents, children = child_runs(settings)
     assert len(children) == 2
     assert next(iter(parents.values())).data.params["split_train"] == "13941"

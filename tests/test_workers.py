@@ -61,7 +61,7 @@ def test_two_workers_on_postgresql(settings: Settings, postgres_url: str) -> Non
         }
     )
     summary = tune.run(pg)
-    assert summary["trials"] == 12 and summary["complete"] == 12
+    assert summary.trials == 12 and summary.complete == 12
     study = optuna.load_study(study_name=pg.study, storage=postgres_url)
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers did trials
     runs = runs_by_trial(pg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -24,34 +25,51 @@ PLOTS = (
 )
 
 
-def summary(study: optuna.Study) -> dict:
-    """What the original experiment printed: trials conducted, pruned, completed, best value, params."""
+@dataclass(frozen=True)
+class StudySummary:
+    """What the original experiment printed of a study: trials conducted, pruned, completed,
+    failed, and the best trial's number, value and params (None while nothing completed)."""
+
+    study: str
+    trials: int
+    complete: int
+    pruned: int
+    fail: int
+    running: int
+    best_trial: int | None = None
+    best_value: float | None = None
+    best_params: dict = field(default_factory=dict)
+
+
+def summary(study: optuna.Study) -> StudySummary:
+    """The study's counts by state and its best trial."""
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    out = {
-        "study": study.study_name,
-        "trials": sum(states.values()),
-        "complete": states.get("COMPLETE", 0),
-        "pruned": states.get("PRUNED", 0),
-        "fail": states.get("FAIL", 0),
-        "running": states.get("RUNNING", 0),
-    }
-    if out["complete"]:
-        best = study.best_trial
-        out |= {"best_trial": best.number, "best_value": best.value, "best_params": best.params}
-    return out
+    best = study.best_trial if states.get("COMPLETE") else None
+    return StudySummary(
+        study=study.study_name,
+        trials=sum(states.values()),
+        complete=states.get("COMPLETE", 0),
+        pruned=states.get("PRUNED", 0),
+        fail=states.get("FAIL", 0),
+        running=states.get("RUNNING", 0),
+        best_trial=best.number if best else None,
+        best_value=best.value if best else None,
+        best_params=best.params if best else {},
+    )
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: StudySummary) -> str:
+    """The summary as the original experiment printed it."""
     lines = [
-        f"Study statistics ({s['study']}):",
-        f"  Number of finished trials: {s['trials']}",
-        f"  Number of pruned trials: {s['pruned']}",
-        f"  Number of complete trials: {s['complete']}",
-        f"  Number of failed trials: {s['fail']}",
+        f"Study statistics ({s.study}):",
+        f"  Number of finished trials: {s.trials}",
+        f"  Number of pruned trials: {s.pruned}",
+        f"  Number of complete trials: {s.complete}",
+        f"  Number of failed trials: {s.fail}",
     ]
-    if "best_value" in s:
-        lines += [f"Best trial: #{s['best_trial']}", f"  Value: {s['best_value']:.4f}", "  Params:"]
-        lines += [f"    {k}: {v}" for k, v in s["best_params"].items()]
+    if s.best_value is not None:
+        lines += [f"Best trial: #{s.best_trial}", f"  Value: {s.best_value:.4f}", "  Params:"]
+        lines += [f"    {k}: {v}" for k, v in s.best_params.items()]
     else:
         lines.append("No trial completed yet.")
     return "\n".join(lines)

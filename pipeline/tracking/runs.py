@@ -24,7 +24,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
@@ -443,9 +443,9 @@ def log_summary(
     client: MlflowClient, run_id: str, study: optuna.Study, metric: str, plots: bool = True
 ) -> None:
     """The study's counts and best value as metrics, its summary as JSON, and its plots."""
-    summary = report.summary(study)
+    summary = asdict(report.summary(study))
     numbers = {k: summary[k] for k in ("trials", "complete", "pruned", "fail")}
-    if "best_value" in summary and math.isfinite(summary["best_value"]):
+    if summary["best_value"] is not None and math.isfinite(summary["best_value"]):
         numbers["best_value"] = summary["best_value"]
     log_metrics(client, run_id, numbers)
     log_json(client, run_id, summary, "summary.json")
