@@ -120,7 +120,8 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
         return [
             t
             for t in study.get_trials(states=[optuna.trial.TrialState.RUNNING])
-            if t.user_attrs.get("worker", "").endswith(f":{pid}")
+            # with its params: a trial runs (and is owned) before its sampler has spoken
+            if t.user_attrs.get("worker", "").endswith(f":{pid}") and t.params
         ]
 
     wait_for(lambda: running_of(a.pid), 120, "worker A to start a trial")
