@@ -196,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     result = evaluate.run(settings, Path(args.photos), args.version, contexts, args.surround)
     print(evaluate.table(result))
-    print(f"logged to run {result['run_id']} of {result['model']} version {result['version']}")
+    print(f"logged to run {result.run_id} of {result.model} version {result.version}")
     return 0
 
 

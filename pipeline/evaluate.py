@@ -172,13 +172,30 @@ def resolve(settings: Settings, version: str):
     return found, model
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One version on a folder of photos: the dataset conversion's metrics (<head>_acc, ...) and,
+    per context, the served ones (context, found, preprocess_ms, served_<head>_acc, ...), named as
+    they are logged."""
+
+    model: str
+    version: str
+    run_id: str
+    folder: str
+    photos: int
+    surround: str
+    min_face: float
+    dataset: dict[str, float]
+    contexts: list[dict[str, float]]
+
+
 def run(
     settings: Settings,
     folder: Path,
     version: str = "champion",
     contexts: tuple[float, ...] = (1.0,),
     surround: str = "blur",
-) -> dict:
+) -> Evaluation:
     """The parity table of one version on a folder of photos, logged to the version's run."""
     photos = read_photos(folder)
     found, model = resolve(settings, version)
@@ -207,33 +224,33 @@ def run(
                 **{f"served_{k}": v for k, v in served.items()},
             }
         )
-    result = {
-        "model": settings.model_name,
-        "version": str(found.version),
-        "run_id": found.run_id,
-        "folder": str(folder),
-        "photos": len(photos.names),
-        "surround": surround,
-        "min_face": settings.min_face,
-        "dataset": reference,
-        "contexts": rows,
-    }
+    result = Evaluation(
+        model=settings.model_name,
+        version=str(found.version),
+        run_id=found.run_id,
+        folder=str(folder),
+        photos=len(photos.names),
+        surround=surround,
+        min_face=settings.min_face,
+        dataset=reference,
+        contexts=rows,
+    )
     log_result(settings, result)
     return result
 
 
-def table(result: dict) -> str:
+def table(result: Evaluation) -> str:
     """Markdown: per context and head, the service's accuracy, the dataset conversion's, the gap."""
     lines = [
-        f"{result['model']} v{result['version']} on {result['photos']} photos in "
-        f"{result['folder']} (surroundings: {result['surround']}, min_face {result['min_face']})",
+        f"{result.model} v{result.version} on {result.photos} photos in "
+        f"{result.folder} (surroundings: {result.surround}, min_face {result.min_face})",
         "",
         "| context | faces found | head | served acc [95%] | dataset acc | gap (points) [95%] "
         "| served F1 | dataset F1 | preprocess ms/photo |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    ref = result["dataset"]
-    for row in result["contexts"]:
+    ref = result.dataset
+    for row in result.contexts:
         for head in labels.HEADS:
             served, dataset = row[f"served_{head}_acc"], ref[f"{head}_acc"]
             low, high = (100 * row[f"served_{head}_acc_{end}"] for end in ("low", "high"))
@@ -248,23 +265,21 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def log_result(settings: Settings, result: dict) -> None:
+def log_result(settings: Settings, result: Evaluation) -> None:
     """Metrics (photos_<context>x_<head>_acc, ...) and the table on the version's training run."""
     client = runs.client_for(settings.tracking_uri)
-    logged = {f"photos_dataset_{k}": v for k, v in result["dataset"].items()}
-    for row in result["contexts"]:
+    logged = {f"photos_dataset_{k}": v for k, v in result.dataset.items()}
+    for row in result.contexts:
         prefix = f"photos_{row['context']:g}x"
         logged |= {
             f"{prefix}_{k.removeprefix('served_')}": v for k, v in row.items() if k != "context"
         }
     stamp = int(time.time() * 1000)
     client.log_batch(
-        result["run_id"],
+        result.run_id,
         metrics=[mlflow.entities.Metric(k, v, stamp, 0) for k, v in logged.items()],
     )
     with tempfile.TemporaryDirectory() as tmp:
-        path = (
-            Path(tmp) / f"photos-{Path(result['folder']).name}-{time.strftime('%Y%m%d-%H%M%S')}.md"
-        )
+        path = Path(tmp) / f"photos-{Path(result.folder).name}-{time.strftime('%Y%m%d-%H%M%S')}.md"
         path.write_text(table(result) + "\n")
-        client.log_artifact(result["run_id"], str(path), artifact_path="evaluation")
+        client.log_artifact(result.run_id, str(path), artifact_path="evaluation")

@@ -79,8 +79,8 @@ def test_evaluate_table_and_mlflow(registered: Settings, photos: Path, capsys, m
     monkeypatch.setattr(evaluate, "predict", predict)
     result = evaluate.run(registered, photos, "champion", (1, 2))
     monkeypatch.undo()
-    assert [row["context"] for row in result["contexts"]] == [1, 2]
-    assert result["photos"] == 4 and result["version"] == "1" and len(answers) == 3
+    assert [row["context"] for row in result.contexts] == [1, 2]
+    assert result.photos == 4 and result.version == "1" and len(answers) == 3
     edges = answers[0][0]
     truth = {"age": [], "ethnicity": [], "gender": []}  # <age>_<gender>_<race>_<datetime>.jpg
     for name in names:
@@ -95,8 +95,8 @@ def test_evaluate_table_and_mlflow(registered: Settings, photos: Path, capsys, m
     _, everyone, converted = answers[0]
     assert everyone.all()
     for head in truth:
-        assert result["dataset"][f"{head}_acc"] == pytest.approx(accuracy(converted, head))
-    for row, (_, answered, pred) in zip(result["contexts"], answers[1:], strict=True):
+        assert result.dataset[f"{head}_acc"] == pytest.approx(accuracy(converted, head))
+    for row, (_, answered, pred) in zip(result.contexts, answers[1:], strict=True):
         assert row["found"] == pytest.approx(answered.mean())
         for head in truth:
             assert row[f"served_{head}_acc"] == pytest.approx(accuracy(pred, head))
@@ -104,11 +104,11 @@ def test_evaluate_table_and_mlflow(registered: Settings, photos: Path, capsys, m
             assert low <= row[f"served_{head}_acc"] <= high
     text = evaluate.table(result)
     assert text.count("| 2x |") == 3 and "dataset acc" in text
-    run = MlflowClient(registered.tracking_uri).get_run(result["run_id"])
+    run = MlflowClient(registered.tracking_uri).get_run(result.run_id)
     assert run.data.metrics["photos_2x_gender_acc"] == pytest.approx(
-        result["contexts"][1]["served_gender_acc"]
+        result.contexts[1]["served_gender_acc"]
     )
-    assert run.data.metrics["photos_dataset_age_acc"] == pytest.approx(result["dataset"]["age_acc"])
+    assert run.data.metrics["photos_dataset_age_acc"] == pytest.approx(result.dataset["age_acc"])
     assert "photos_dataset_age_f1" in run.data.metrics
 
     code = cli.main(

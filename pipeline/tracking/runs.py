@@ -295,7 +295,14 @@ def log_dataset(
         profile=json.dumps(profile),
     )
     tags = [InputTag("mlflow.data.context", context)]
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+    try:
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+    except MlflowException as e:
+        # Two processes starting at once both insert the dataset; the one that lost the race
+        # links its run to the row the other wrote.
+        if "UNIQUE constraint" not in str(e) and "duplicate key" not in str(e):
+            raise
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
 
 
 def log_json(client: MlflowClient, run_id: str, obj: dict, name: str) -> None:
