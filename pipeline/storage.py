@@ -156,6 +156,8 @@ class _RecordsOwner:
     queue (a retried or enqueued trial), so that a worker killed while it was still sampling
     the trial, before Optuna's first heartbeat, is found too."""
 
+    orphan_after: float = 300.0  # open_storage sets orphan_age(...) of its settings
+
     def _record_owner(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, OWNER_ATTR, Owner.current().record())
 
@@ -170,8 +172,6 @@ class OwnedRDBStorage(_RecordsOwner, RDBStorage):
     """RDBStorage whose stale trials (those Optuna fails, and retries through the stale-trial
     callback, when a trial starts) are what why_dead says: heartbeats alone only for trials
     owned on other machines."""
-
-    orphan_after: float = 300.0
 
     def _create_new_trial(self, study_id, template_trial=None):
         trial = super()._create_new_trial(study_id, template_trial)
@@ -191,8 +191,6 @@ class OwnedRDBStorage(_RecordsOwner, RDBStorage):
 
 class OwnedJournalStorage(_RecordsOwner, JournalStorage):
     """JournalStorage with owner records (no heartbeats: other machines' trials stay RUNNING)."""
-
-    orphan_after: float = 300.0
 
     def create_new_trial(self, study_id, template_trial=None) -> int:
         trial_id = super().create_new_trial(study_id, template_trial)

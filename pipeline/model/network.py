@@ -122,11 +122,12 @@ def _cnn_net(params: dict, classes: dict[str, int], spec: InputSpec) -> FaceNet:
     if spec.descriptor:
         layers = _descriptor_norm(spec)
         width = spec.descriptor_dim
-        # descriptor_fc 0: the features join the conv features as they are
-        for _ in range(params.get("descriptor_layers", 1) if params.get("descriptor_fc") else 0):
-            layers += [nn.Linear(width, params["descriptor_fc"]), nn.ReLU()]
-            layers.append(nn.Dropout(params.get("descriptor_dropout", 0.0)))
-            width = params["descriptor_fc"]
+        hidden = params.get("descriptor_fc", 0)  # 0: they join the conv features as they are
+        depth = params.get("descriptor_layers", 1) if hidden else 0
+        dropout = params.get("descriptor_dropout", 0.0)
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
         branch = _branch(layers)
         features += width
     return FaceNet(body, features, classes, branch=branch)
