@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sys
 from importlib import metadata as importlib_metadata
@@ -127,15 +128,30 @@ def providers(module: str) -> list[str]:
     """The installed distributions that provide top-level `module`: by their top_level.txt, or
     else by their files (dlib-bin names only its extension, _dlib_pybind11, there, not the dlib
     package it also installs)."""
-    found = importlib_metadata.packages_distributions().get(module)
-    if found:
-        return found
-    paths = {f"{module}/__init__.py", f"{module}.py"}
-    return [
-        dist.metadata["Name"]
-        for dist in importlib_metadata.distributions()
-        if any(str(f) in paths for f in dist.files or ())
-    ]
+    return installed_providers().get(module, [])
+
+
+@functools.cache
+def installed_providers() -> dict[str, list[str]]:
+    """Top-level module -> distributions, read once per process: it opens every installed
+    distribution's file list (seconds in a full environment), and installs do not change under a
+    running process."""
+    by_files: dict[str, list[str]] = {}
+    for dist in importlib_metadata.distributions():
+        modules = {_top_module(f.parts) for f in dist.files or ()} - {None}
+        for module in modules:
+            by_files.setdefault(module, []).append(dist.metadata["Name"])
+    return by_files | importlib_metadata.packages_distributions()
+
+
+def _top_module(parts: tuple[str, ...]) -> str | None:
+    """The module a distribution's file makes importable at top level: a package's __init__.py
+    or a lone .py file."""
+    if len(parts) == 2 and parts[1] == "__init__.py":
+        return parts[0]
+    if len(parts) == 1 and parts[0].endswith(".py"):
+        return parts[0].removesuffix(".py")
+    return None
 
 
 def signature(edges: tuple[int, ...], spec: InputSpec = SEED_FORM) -> ModelSignature:
