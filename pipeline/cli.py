@@ -243,6 +243,8 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
         args.host,
         "--port",
         str(args.port),
+        "--workers",
+        str(args.workers),
     ]
     if args.allowed_hosts:  # else MLflow's own list: localhost and private addresses
         cmd += ["--allowed-hosts", args.allowed_hosts]
@@ -256,7 +258,10 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
     )
     # The server takes this process's place, so a service manager's SIGTERM (or Ctrl-C) reaches
     # MLflow itself and stops what it started, instead of leaving it behind a dead parent.
-    os.execve(sys.executable, cmd, os.environ | {"PATH": path})
+    # MLflow's job runner (GenAI judges and prompt optimisation) is of no use to a tracking store
+    # and starts processes of its own: off unless asked for.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | os.environ | {"PATH": path}
+    os.execve(sys.executable, cmd, env)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -421,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
         "the network, which should then sit behind MLflow's basic-auth app (see docs/serving.md, Security)",
     )
     server.add_argument("--port", type=int, default=5000)
+    server.add_argument(
+        "--workers", type=int, default=4, help="uvicorn worker processes (default 4, MLflow's)"
+    )
     server.add_argument(
         "--allowed-hosts",
         help="Host headers the server accepts (default: MLflow's, localhost and private addresses)",

@@ -542,7 +542,7 @@ def test_the_command_check_finds_a_mistake() -> None:
     assert command_problems(
         ["tune-worker", "--preset", "fastest"]
     )  # argparse takes it; Settings not
-    assert command_problems(["mlflow-server", "--workers", "2"])
+    assert command_problems(["mlflow-server", "--threads", "2"])
 
 
 def test_manifests_set_only_environment_that_is_read(monkeypatch: pytest.MonkeyPatch) -> None:

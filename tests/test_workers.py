@@ -55,24 +55,24 @@ def test_two_workers_on_postgresql(settings: Settings, postgres_url: str) -> Non
         update={
             "storage": postgres_url,
             "workers": 2,
-            "n_trials": 12,
+            "n_trials": 6,
             "epochs": 1,
             "sampler": "tpe",
         }
     )
     summary = tune.run(pg)
-    assert summary.trials == 12 and summary.complete == 12
+    assert summary.trials == 6 and summary.complete == 6
     study = optuna.load_study(study_name=pg.study, storage=postgres_url)
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers did trials
     runs = runs_by_trial(pg)
-    assert sorted(runs) == list(range(12))
+    assert sorted(runs) == list(range(6))
     assert all(len(r) == 1 for r in runs.values())  # no duplicates
     statuses = Counter(r[0].info.status for r in runs.values())
-    assert statuses == {"FINISHED": 12}
+    assert statuses == {"FINISHED": 6}
     parents = {r[0].data.tags["mlflow.parentRunId"] for r in runs.values()}
     assert len(parents) == 1
     parent = MlflowClient(pg.tracking_uri).get_run(parents.pop())
-    assert parent.info.status == "FINISHED" and parent.data.metrics["complete"] == 12
+    assert parent.info.status == "FINISHED" and parent.data.metrics["complete"] == 6
 
 
 def start_worker(settings: Settings, until: int, log: Path) -> subprocess.Popen:
@@ -100,7 +100,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
     """SIGKILL one of two workers mid-trial on the default SQLite store."""
     slow = settings.model_copy(
         update={
-            "data": write_csv(synthetic_faces(3000), tmp_path / "big.csv"),
+            "data": write_csv(synthetic_faces(2000), tmp_path / "big.csv"),
             "epochs": 4,
             "heartbeat_interval": 1,
             "grace_period": 3,
@@ -108,8 +108,8 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
         }
     )
     load_data(slow)  # decode once, so both workers start from the cache together
-    a = start_worker(slow, 8, tmp_path / "a.log")
-    b = start_worker(slow, 8, tmp_path / "b.log")
+    a = start_worker(slow, 4, tmp_path / "a.log")
+    b = start_worker(slow, 4, tmp_path / "b.log")
     storage_url = slow.storage
 
     def running_of(pid: int) -> list[optuna.trial.FrozenTrial]:
@@ -133,7 +133,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
 
     study = optuna.load_study(study_name="kill", storage=storage_url)
     states = Counter(t.state for t in study.trials)
-    assert states[optuna.trial.TrialState.COMPLETE] >= 8
+    assert states[optuna.trial.TrialState.COMPLETE] >= 3
     assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
@@ -157,7 +157,7 @@ def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
 ) -> None:
     slow = settings.model_copy(
         update={
-            "data": write_csv(synthetic_faces(3000), tmp_path / "big.csv"),
+            "data": write_csv(synthetic_faces(2000), tmp_path / "big.csv"),
             "epochs": 6,
             "study": "interrupt",
             "n_trials": 3,
@@ -223,7 +223,8 @@ def test_mlflow_server_on_postgresql(postgres_database: str, tmp_path: Path) -> 
     port = free_port()
     env = os.environ | {"FACEOPT_MLFLOW_BACKEND": backend}
     cmd = [sys.executable, "-m", "pipeline.cli", "mlflow-server", "--port", str(port)]
-    cmd += ["--artifacts", str(tmp_path / "artifacts")]
+    # Two workers: a supervisor with children, whose stop the test checks, at half the start-up.
+    cmd += ["--artifacts", str(tmp_path / "artifacts"), "--workers", "2"]
     url = f"http://127.0.0.1:{port}"
     with server_process(cmd, f"{url}/health", env, tmp_path / "mlflow.log") as proc:
         client = MlflowClient(url)
@@ -246,7 +247,7 @@ def test_a_killed_tune_is_closed_at_once_by_the_next(tmp_path: Path, settings: S
     epochs = 8
     slow = settings.model_copy(
         update={
-            "data": write_csv(synthetic_faces(3000), tmp_path / "big.csv"),
+            "data": write_csv(synthetic_faces(2000), tmp_path / "big.csv"),
             "epochs": epochs,
             "n_trials": 200,
             "grace_period": 600,
@@ -270,19 +271,19 @@ def test_a_killed_tune_is_closed_at_once_by_the_next(tmp_path: Path, settings: S
         except KeyError:
             return None
 
-    def mid_trial() -> bool:  # two trials done, one training with epochs still to go
+    def mid_trial() -> bool:  # a trial done, one training with epochs still to go
         found = study()
         if found is None:
             return False
         trials = found.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         running = [t for t in trials if t.state == TrialState.RUNNING]
-        return len(done) >= 2 and any(
+        return len(done) >= 1 and any(
             t.user_attrs.get(RUN_ID_ATTR) and 0 < len(t.intermediate_values) < epochs - 2
             for t in running
         )
 
-    wait_for(mid_trial, 240, "two complete trials and one mid-training")
+    wait_for(mid_trial, 240, "a complete trial and one mid-training")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = study().get_trials()

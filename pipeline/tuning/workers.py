@@ -23,6 +23,7 @@ from pipeline.config import Settings
 log = logging.getLogger(__name__)
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+IDLE_POLL = 1.0  # seconds between an idle worker's counts of the study's trials
 
 
 def counts(study: optuna.Study) -> Counter:
@@ -123,17 +124,19 @@ def optimize_until(
     run_one: Callable[[Callable[[], None]], None],
     until: int,
     timeout: float | None,
-    poll: float,
+    check_every: float,
     lock: ClaimLock,
 ) -> None:
-    """Start trials while finished + running < until; then wait for the others, failing any trial
-    whose worker died (storage.fail_dead_trials: its process gone from this machine, its
-    heartbeat stale, or sampled for ten grace periods), so its retry gets run here.
+    """Start trials while finished + running < until; then wait for the others, failing (every
+    check_every seconds) any trial whose worker died (storage.fail_dead_trials: its process gone
+    from this machine, its heartbeat stale, or sampled for ten grace periods), so its retry gets
+    run here.
 
     run_one(started) runs one trial and calls started() once the trial exists in the storage;
     the claim lock is held from the count until then.
     """
     deadline = time.time() + timeout if timeout else None
+    next_check = time.monotonic() + check_every
     try:
         while not (deadline and time.time() > deadline):
             lock.acquire()
@@ -145,7 +148,11 @@ def optimize_until(
                 run_one(lock.release)  # a WAITING (retried) trial is taken first by Optuna's ask
                 continue
             lock.release()
-            time.sleep(poll)
-            storage.fail_dead_trials(study)
+            # Counting is one query: an idle worker sees the others finish within a second, not
+            # a heartbeat interval later.
+            time.sleep(min(IDLE_POLL, check_every))
+            if time.monotonic() >= next_check:
+                storage.fail_dead_trials(study)
+                next_check = time.monotonic() + check_every
     finally:
         lock.close()
