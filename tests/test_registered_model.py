@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,29 @@ out = model.predict(np.array(json.loads(sys.argv[2]), dtype=np.uint8))
 import pipeline
 print(json.dumps({"probs": out.filter(like=":").to_numpy().tolist(), "code": pipeline.__file__}))
 """
+
+
+def pip_sources() -> list[str]:
+    """This machine's pip sources (its configuration files and PIP_* variables, the later winning)
+    as uv's options: uv reads no pip configuration, and torch's CPU wheel may come from one of
+    them only. Several indexes are searched as pip does, for the best match among all."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    config = {}
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        config[key.rsplit(".", 1)[-1]] = value.strip("'")
+    options = ["--index-strategy", "unsafe-best-match"]
+    for key, flag in (
+        ("index-url", "--index-url"),
+        ("extra-index-url", "--extra-index-url"),
+        ("find-links", "--find-links"),
+        ("constraint", "--constraint"),
+    ):
+        for value in config.get(key, "").split():
+            options += [flag, value]
+    return options
 
 
 def predict_elsewhere(python: str, settings: Settings, cwd: Path, env: dict | None = None) -> dict:
@@ -123,16 +147,18 @@ def test_requirements_name_every_package_the_model_code_imports(registered: Sett
 def test_fresh_environment_from_the_requirements_loads_and_predicts(
     registered: Settings, tmp_path: Path
 ) -> None:
-    """A virtual environment with nothing but the version's requirements (pip, the same index
-    this machine's pip uses) loads it by models:/ URI from another folder and predicts."""
+    """A virtual environment with nothing but the version's requirements (installed by uv, as
+    MLflow's own env_manager="uv" does, from the sources this machine's pip uses) loads it by
+    models:/ URI from another folder and predicts."""
     env_dir = tmp_path / "env"
-    venv.create(env_dir, with_pip=True)
+    venv.create(env_dir, with_pip=False)
     python = str(env_dir / "bin" / "python")
     requirements = artifact(registered) / "requirements.txt"
+    uv = Path(sys.executable).parent / "uv"
     install = subprocess.run(
-        # --no-compile: bytecode for every installed file (torch has thousands) is most of the
-        # wait; Python compiles what the prediction imports as it imports it.
-        [python, "-m", "pip", "install", "-q", "--no-compile", "-r", str(requirements)],
+        [str(uv), "pip", "install", "-q", "--python", python, "-r", str(requirements)]
+        + pip_sources(),
+        env=os.environ | {"UV_CACHE_DIR": str(tmp_path / "uv-cache")},
         capture_output=True,
         text=True,
         timeout=1200,
