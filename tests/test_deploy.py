@@ -37,6 +37,7 @@ from sqlalchemy.engine import make_url
 from pipeline import cli
 from pipeline.config import Settings
 from serving.guard import Guard
+from tests.conftest import require_service
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
@@ -640,10 +641,11 @@ def compose_cli() -> list[str] | None:
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
-@pytest.mark.skipif(compose_cli() is None, reason="neither docker compose nor docker-compose")
 def test_compose_config_accepts_the_file(tmp_path: Path) -> None:
     """Compose's own schema check (`config` needs no daemon), with .env.example as deploy/.env."""
     command = compose_cli()
+    if command is None:
+        require_service("docker-compose", "neither docker compose nor docker-compose is installed")
     shutil.copytree(DEPLOY, tmp_path / "deploy")
     shutil.copy(ENV_EXAMPLE, tmp_path / "deploy" / ".env")
     compose = tmp_path / "deploy" / "compose.yaml"

@@ -188,3 +188,16 @@ def test_the_real_makefile_has_the_documented_targets() -> None:
     """The parser reads this Makefile's rules, not only its .PHONY line."""
     targets = makefile_targets(ROOT / "Makefile")
     assert {"tune", "train-best", "serve", "bench-serve", "help", "setup"} <= targets
+
+
+def test_make_help_names_every_documented_target() -> None:
+    """`make help` lists each target with a ## description by its own name (the Makefile
+    includes settings.mk, so a grep over both files must not prefix the file's name)."""
+    import subprocess
+
+    shown = subprocess.run(
+        ["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    listed = re.findall(r"(?m)^  make (\S+) ", shown)
+    described = re.findall(r"(?m)^([a-z-]+):.*## ", (ROOT / "Makefile").read_text())
+    assert listed == described and "test" in listed
