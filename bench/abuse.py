@@ -21,8 +21,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench import RESULTS, save
-from bench.serve import require_champion
+from bench import RESULTS, require_champion, save
 from pipeline.config import Settings
 from pipeline.testkit import free_port, server_process
 
@@ -105,16 +104,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--settle", type=float, default=60.0, help="seconds before settled RSS")
+    # Smaller uploads for a smoke run (tests/test_bench.py): the cases' sizes dominate its time.
+    parser.add_argument("--bomb-side", type=int, default=6000, help="the PNG's side, pixels")
+    parser.add_argument("--header-mib", type=int, default=50, help="size of the huge header")
+    parser.add_argument("--logs", type=Path, default=RESULTS / "logs", help="the server's log")
+    parser.add_argument("--no-save", action="store_true", help="print only (tests)")
     args = parser.parse_args()
     settings = Settings()
     require_champion(settings)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    logs = RESULTS / "logs"
+    logs = args.logs
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port)]
     env = os.environ | {"MLFLOW_TRACKING_URI": settings.tracking_uri}
-    bomb = png_bomb()
+    bomb = png_bomb(args.bomb_side)
     noise = noise_jpeg(settings.max_file_bytes)
     rows = []
     with server_process(cmd, f"{url}/ready", env, logs / "abuse.log") as proc:
@@ -122,7 +126,7 @@ def main() -> None:
         cases = [
             (
                 f"{args.concurrency} requests x 1 PNG of {len(bomb) // 1024} KB declaring "
-                "6000x6000 pixels",
+                f"{args.bomb_side}x{args.bomb_side} pixels",
                 [("files", ("bomb.png", bomb, "image/png"))],
             ),
             (
@@ -145,10 +149,14 @@ def main() -> None:
             b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\nContent-Disposition: "
             b'form-data; name="files"; filename="slow.jpg"\r\n\r\n'
         )
-        huge_header = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"x" * (50 * MIB)
+        big = b"x" * (args.header_mib * MIB)
+        huge_header = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + big
         for name, exchange in [
             ("one 200 MiB part (declared length)", lambda: raw_exchange(port, head, big_part)),
-            ("a 50 MiB header", lambda: raw_exchange(port, huge_header + b"\r\n\r\n", [])),
+            (
+                f"a {args.header_mib} MiB header",
+                lambda: raw_exchange(port, huge_header + b"\r\n\r\n", []),
+            ),
             (
                 "a body sent 1 byte per 100 ms",
                 lambda: raw_exchange(port, slow_head, [b"x"] * 1000, 0.1),
@@ -179,7 +187,8 @@ def main() -> None:
         ]
     )
     print(table)
-    save("bench-abuse", table)
+    if not args.no_save:
+        save("bench-abuse", table)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, required=True)
     parser.add_argument("--version", default="champion")
     parser.add_argument("--head", default="gender", choices=labels.HEADS)
+    parser.add_argument("--no-save", action="store_true", help="print only (tests)")
     args = parser.parse_args()
     settings = Settings()
     photos = evaluate.read_photos(args.photos)
@@ -69,7 +70,8 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    save("by-age", text)
+    if not args.no_save:
+        save("by-age", text)
 
 
 if __name__ == "__main__":

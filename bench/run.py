@@ -261,8 +261,8 @@ def bench_gpu(faces: dataset.FaceSet, repeats: int, epochs: int = 2) -> list[Row
     """Where CUDA is present: our loop against the DataLoader loop for the mlp and the cnn
     reference, and train-best's mixed-precision path (two epochs of train.fit)."""
     cuda = torch.device("cuda")
-    rows = bench_training(faces, repeats, PARAMS, "mlp", cuda)
-    rows += bench_training(faces, repeats, CNN, "cnn-cpu reference", cuda)
+    rows = bench_training(faces, repeats, PARAMS, "mlp", cuda, epochs)
+    rows += bench_training(faces, repeats, CNN, "cnn-cpu reference", cuda, epochs)
     train_set, val_set = _sets(faces, device=cuda)
     precision = train.select_precision(cuda)
     times = []
@@ -312,9 +312,9 @@ def _trial_seconds(settings: Settings, sets, logger, n: int) -> list[float]:
     return [t.duration.total_seconds() for t in study.trials]
 
 
-def bench_mlflow(faces: dataset.FaceSet, repeats: int, tmp: Path) -> list[Row]:
+def bench_mlflow(faces: dataset.FaceSet, repeats: int, tmp: Path, epochs: int = 5) -> list[Row]:
     settings = Settings(
-        epochs=5,
+        epochs=epochs,
         tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
         artifact_root=tmp / "mlruns",
         study="bench",
@@ -330,13 +330,17 @@ def bench_mlflow(faces: dataset.FaceSet, repeats: int, tmp: Path) -> list[Row]:
         with_logger += _trial_seconds(settings, sets, logged, 1)
     overhead = 100 * (statistics.median(with_logger) / statistics.median(without) - 1)
     return [
-        ("trial (5 epochs), no logging", fmt(without), "baseline"),
-        ("trial (5 epochs), MLflow trial logger", fmt(with_logger), f"{overhead:+.1f}% time"),
+        (f"trial ({epochs} epochs), no logging", fmt(without), "baseline"),
+        (
+            f"trial ({epochs} epochs), MLflow trial logger",
+            fmt(with_logger),
+            f"{overhead:+.1f}% time",
+        ),
     ]
 
 
-def bench_growth(faces: dataset.FaceSet, repeats: int, tmp: Path) -> list[Row]:
-    settings = Settings(epochs=3)
+def bench_growth(faces: dataset.FaceSet, repeats: int, tmp: Path, epochs: int = 3) -> list[Row]:
+    settings = Settings(epochs=epochs)
     rows, base = [], None
     for fraction in (0.25, 0.5, 1.0):
         times = []
@@ -345,7 +349,7 @@ def bench_growth(faces: dataset.FaceSet, repeats: int, tmp: Path) -> list[Row]:
         base = base or statistics.median(times)
         rows.append(
             (
-                f"trial (3 epochs) on {fraction:.0%} of the training data",
+                f"trial ({epochs} epochs) on {fraction:.0%} of the training data",
                 fmt(times),
                 f"{statistics.median(times) / base:.2f}x the 25% time",
             )
@@ -383,17 +387,23 @@ def _tune_cmd(
 
 
 def bench_tuning(
-    data_path: Path, repeats: int, tmp: Path, n_trials: int = 48, epochs: int = 5
+    data_path: Path,
+    repeats: int,
+    tmp: Path,
+    n_trials: int = 48,
+    epochs: int = 5,
+    workers: tuple[int, ...] = (1, 2),
 ) -> list[Row]:
-    """Trials per minute with 1 and 2 worker processes; peak memory of a tuning process.
+    """Trials per minute with each number of worker processes, the first the baseline; peak
+    memory of a tuning process.
 
     Each process pays ~5 s of imports and data loading, so the budget must be large enough
     for that not to dominate (at 12 trials x 3 epochs, 2 workers were slower than 1; at 24 x 5,
     1.45x; the budget here is the size of a small real study)."""
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    rates: dict[int, list[float]] = {n: [] for n in workers}
     env = os.environ | {"FACEOPT_ARTIFACT_ROOT": str(tmp / "mlruns")}
     for r in range(repeats):
-        for n in (1, 2):
+        for n in workers:
             start = time.perf_counter()
             subprocess.run(
                 _tune_cmd(data_path, tmp, f"w{n}-{r}", n_trials, n, epochs),
@@ -405,19 +415,18 @@ def bench_tuning(
     peak_mb = (
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     )  # largest child, Linux KiB
-    ratio = statistics.median(rates[2]) / statistics.median(rates[1])
-    return [
-        (
-            f"tuning, 1 worker ({n_trials} trials x {epochs} epochs)",
-            fmt(rates[1], "trials/min", 1),
-            "baseline",
-        ),
-        (
-            f"tuning, 2 workers ({n_trials} trials x {epochs} epochs)",
-            fmt(rates[2], "trials/min", 1),
-            f"{ratio:.2f}x the trials/min",
-        ),
-        ("tuning: peak memory of one process", f"{peak_mb:.0f} MB (max over the runs above)", "-"),
+    base, rows = statistics.median(rates[workers[0]]), []
+    for n in workers:
+        ratio = statistics.median(rates[n]) / base
+        rows.append(
+            (
+                f"tuning, {n} worker{'s' if n > 1 else ''} ({n_trials} trials x {epochs} epochs)",
+                fmt(rates[n], "trials/min", 1),
+                "baseline" if n == workers[0] else f"{ratio:.2f}x the trials/min",
+            )
+        )
+    return rows + [
+        ("tuning: peak memory of one process", f"{peak_mb:.0f} MB (max over the runs above)", "-")
     ]
 
 
@@ -427,22 +436,40 @@ def main() -> None:
     )
     parser.add_argument("--data", type=Path, default=Path("../shared/data/age_gender.csv.gz"))
     parser.add_argument("--repeats", type=int, default=3)
+    # Smoke runs on tiny data (tests/test_bench.py); without them, each section's own sizes.
+    parser.add_argument(
+        "--epochs", type=int, help="epochs of every training measurement (default: 2 to 5 each)"
+    )
+    parser.add_argument("--tune-trials", type=int, default=48, help="trials of each tuning run")
+    parser.add_argument(
+        "--tune-repeats", type=int, help="tuning runs per worker count (default: repeats - 1, >= 2)"
+    )
+    # A smoke run tunes with 1 worker alone: a run with 2 starts 3 processes, each ~8 s of imports.
+    parser.add_argument(
+        "--tune-workers", default="1,2", help="worker counts to tune with, the first the baseline"
+    )
+    parser.add_argument("--no-save", action="store_true", help="print only (tests)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not args.data.exists():
         raise SystemExit(dataset.missing_data_message(args.data))
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    tune_repeats = args.tune_repeats or max(2, args.repeats - 1)
     started = time.time()
     rows = bench_load(args.data, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         faces = dataset.load(args.data, Path(tmp) / "cache")
-        rows += bench_training(faces, args.repeats)
-        rows += bench_cnn_precision(faces)
+        rows += bench_training(faces, args.repeats, **epochs)
+        rows += bench_cnn_precision(faces, **epochs)
         if torch.cuda.is_available():
-            rows += bench_gpu(faces, args.repeats)
-        rows += bench_mlflow(faces, args.repeats, Path(tmp))
-        rows += bench_growth(faces, args.repeats, Path(tmp))
-        rows += bench_tuning(args.data, max(2, args.repeats - 1), Path(tmp))
+            rows += bench_gpu(faces, args.repeats, **epochs)
+        rows += bench_mlflow(faces, args.repeats, Path(tmp), **epochs)
+        rows += bench_growth(faces, args.repeats, Path(tmp), **epochs)
+        workers = tuple(int(n) for n in args.tune_workers.split(","))
+        rows += bench_tuning(
+            args.data, tune_repeats, Path(tmp), args.tune_trials, workers=workers, **epochs
+        )
     table = "\n".join(
         [
             f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
@@ -454,7 +481,8 @@ def main() -> None:
         + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     )
     print(table)
-    save("bench", f"data: {args.data}\n\n{table}")
+    if not args.no_save:
+        save("bench", f"data: {args.data}\n\n{table}")
 
 
 if __name__ == "__main__":

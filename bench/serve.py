@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench import RESULTS, save
+from bench import RESULTS, require_champion, save
 from pipeline import evaluate
 from pipeline.config import Settings
 from pipeline.data import dataset, faces, labels
@@ -134,30 +134,14 @@ def accuracy(url: str, samples: Path, edges: tuple[int, ...], scale: float = 1.0
     return out | {"images": len(files), "faces_detected": detected / len(files), "scale": scale}
 
 
-def require_champion(settings: Settings) -> None:
-    """Stop at once, saying what to do, when there is nothing to serve (not after a 3-minute wait)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(settings.tracking_uri).get_model_version_by_alias(
-            settings.model_name, settings.alias
-        )
-    except MlflowException as e:
-        raise SystemExit(
-            f"no {settings.alias} of model {settings.model_name!r} in "
-            f"{redact(settings.tracking_uri)}: "
-            "run `make tune train-best DATA=...` first (or set MLFLOW_TRACKING_URI to the store "
-            "that has one)"
-        ) from e
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=Path, default=Path("../shared/data/utkface_sample"))
     parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--baseline", help="tracking URI of a store whose champion to compare")
+    parser.add_argument("--logs", type=Path, default=RESULTS / "logs", help="the servers' logs")
+    parser.add_argument("--no-save", action="store_true", help="print only (tests)")
     args = parser.parse_args()
     settings = Settings()
     require_champion(settings)
@@ -174,7 +158,7 @@ def main() -> None:
     ours, theirs = free_port(), free_port()
     levels = [int(c) for c in args.concurrency.split(",")]
     rows, served = [], []
-    tmp = RESULTS / "logs"
+    tmp = args.logs
     tmp.mkdir(parents=True, exist_ok=True)
 
     def measure(name: str, request: httpx.Request) -> None:
@@ -209,10 +193,14 @@ def main() -> None:
                 headers={"Content-Type": "application/json"},
             ),
         )
-    report(rows, levels, served, model_uri)
+    text = report(rows, levels, served, model_uri)
+    print(text)
+    if not args.no_save:
+        save("bench-serve", text)
 
 
-def report(rows: list, levels: list[int], served: list[dict], model_uri: str) -> None:
+def report(rows: list, levels: list[int], served: list[dict], model_uri: str) -> str:
+    """The markdown tables of the measurements."""
     lines = [
         f"model: {model_uri}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}",
         "",
@@ -239,9 +227,7 @@ def report(rows: list, levels: list[int], served: list[dict], model_uri: str) ->
             f"(faces detected in {acc['faces_detected']:.0%}): "
             + ", ".join(f"{h} {acc[h]:.1%}" for h in labels.HEADS),
         ]
-    text = "\n".join(lines)
-    print(text)
-    save("bench-serve", text)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

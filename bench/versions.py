@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, required=True)
     parser.add_argument("first", help="version number or alias")
     parser.add_argument("second", help="version number or alias")
+    parser.add_argument("--no-save", action="store_true", help="print only (tests)")
     args = parser.parse_args()
     settings = Settings()
     torch.set_num_threads(1)
@@ -79,7 +80,8 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    save("versions", text)
+    if not args.no_save:
+        save("versions", text)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ SETS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--version", default="champion")
+    parser.add_argument("--no-save", action="store_true", help="print only (tests)")
     args = parser.parse_args()
     settings = Settings()
     found, model = evaluate.resolve(settings, args.version)
@@ -89,7 +90,8 @@ def main() -> None:
             )
     text = "\n".join(lines) + "\n"
     print(text)
-    save("views", text)
+    if not args.no_save:
+        save("views", text)
 
 
 if __name__ == "__main__":
