@@ -6,6 +6,7 @@ import atexit
 import functools
 import io
 import os
+import pickle
 import shutil
 import sqlite3
 import tempfile
@@ -26,6 +27,28 @@ from pipeline.testkit import free_port, server_process, synthetic_faces  # noqa:
 # each process it starts) taking all of them. Set before torch is first imported.
 if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
+# Fixtures that tune and register a model first: seconds before the test itself starts.
+TRAINED = {"registered", "tuned"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by the markers added here
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a trained model is slow (`make test-fast` leaves it out). Slow tests run
+    first, in their modules' order: under pytest-xdist the longest then start early, instead of
+    one running alone at the end while the other processes idle. Of those, the ones on the
+    session's registered model come last, so that one process trains it while the others work
+    (see `registered`)."""
+    for item in items:
+        if TRAINED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+    def order(item: pytest.Item) -> tuple[bool, bool]:
+        fast = item.get_closest_marker("slow") is None
+        return fast, "registered" in getattr(item, "fixturenames", ())
+
+    items.sort(key=order)  # stable: each module's tests keep their order
+
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_CSV = REAL_DATA / "age_gender.csv.gz"
@@ -137,18 +160,46 @@ def real_csv() -> Path:
     return REAL_CSV
 
 
-@pytest.fixture(scope="session")
-def registered(tmp_path_factory) -> Settings:
-    """A tmp MLflow store with one champion (version 1) trained on synthetic faces, shared by the
-    session: a test that registers versions or moves the alias puts `champion` back on 1."""
+def train_registered(tmp: Path) -> Settings:
+    """A store under tmp with one champion (version 1) trained on synthetic faces."""
     from pipeline import train_best, tune
 
-    tmp = tmp_path_factory.mktemp("registry")
     base = make_settings(tmp, write_csv(synthetic_faces(240), tmp / "faces.csv"))
     settings = base.model_copy(update={"n_trials": 2, "train_epochs": 3, "model_name": "faces"})
     tune.run(settings)
     train_best.run(settings)
     return settings
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory, worker_id: str) -> Settings:
+    """A tmp MLflow store with one champion (version 1) trained on synthetic faces, shared by the
+    session: a test that registers versions or moves the alias puts `champion` back on 1.
+
+    Under pytest-xdist it is trained once, by whichever process comes first (a file lock in the
+    session's folder), and each process works on its own copy of the Optuna and MLflow databases;
+    the artifacts are shared, and what a test logs goes under its own new run id."""
+    if worker_id == "master":
+        return train_registered(tmp_path_factory.mktemp("registry"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "registry"  # one per session
+    made = shared / "settings.pickle"
+    with FileLock(f"{shared}.lock"):
+        if not made.exists():
+            shared.mkdir()
+            made.write_bytes(pickle.dumps(train_registered(shared)))
+    settings = pickle.loads(made.read_bytes())
+    own = tmp_path_factory.mktemp("registry")
+    for name in ("optuna.db", "mlflow.db"):
+        copy_sqlite(shared / name, own / name)
+    return settings.model_copy(
+        update={
+            "storage": f"sqlite:///{own / 'optuna.db'}",
+            "tracking_uri": f"sqlite:///{own / 'mlflow.db'}",
+            "cache_dir": own / "cache",
+        }
+    )
 
 
 @pytest.fixture

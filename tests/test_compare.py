@@ -11,6 +11,7 @@ from pipeline import compare
 from pipeline.config import Settings
 
 
+@pytest.mark.slow
 def test_comparison_table_plot_and_resumption(settings: Settings, caplog) -> None:
     small = settings.model_copy(update={"n_trials": 2, "epochs": 1, "pruner": "median"})
     table, run_id = compare.run(small, ["random", "tpe"], seeds=2, prefix="cmp")

@@ -570,6 +570,7 @@ def test_the_environment_check_finds_a_mistake() -> None:
     assert env_problems({"POSTGRES_PASSWORD": "x"}, known, "a faceopt pod")
 
 
+@pytest.mark.slow
 def test_the_service_and_mlflow_answer_their_probes_and_clients(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

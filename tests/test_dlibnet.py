@@ -35,6 +35,7 @@ def chips() -> list[np.ndarray]:
     ]
 
 
+@pytest.mark.slow
 def test_matches_dlib(net: dlibnet.DlibFaceNet) -> None:
     faces = chips()
     expected = descriptor.reference(faces)

@@ -25,6 +25,7 @@ def photos(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_in_a_photo_puts_the_face_in_the_middle() -> None:
     face = astronaut_face()
     raw = jpeg(face)

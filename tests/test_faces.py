@@ -66,6 +66,7 @@ def lfw_subset() -> tuple[np.ndarray, np.ndarray]:
     return images[:100], images[100:]
 
 
+@pytest.mark.slow
 def test_photos_without_a_face_get_no_answer() -> None:
     """The whole pictures, five crops of each, and LFW's non-face patches: at least 95% without
     an answer (measured: none of the 344 is answered)."""
@@ -87,6 +88,7 @@ def test_photos_without_a_face_get_no_answer() -> None:
     assert np.mean(answered) <= 0.05
 
 
+@pytest.mark.slow
 def test_faces_are_found_even_small_and_blurred() -> None:
     found, _ = lfw_subset()
     assert np.mean([faces.face_from_image(image, MIN_FACE).answered for image in found]) >= 0.9
@@ -214,6 +216,7 @@ def test_pixel_limits_are_in_the_services_words() -> None:
         faces.decode(bomb.getvalue(), 5_000_000)
 
 
+@pytest.mark.slow
 def test_a_large_jpeg_is_decoded_reduced_and_boxes_are_in_its_own_pixels() -> None:
     photo = Image.new("RGB", (3200, 3200), (110, 110, 110))
     photo.paste(astronaut_face().convert("RGB").resize((800, 800)), (1200, 1000))

@@ -37,6 +37,7 @@ def service(tmp_path: Path, **update) -> TestClient:
     return TestClient(create_app(settings), base_url=LOCAL)
 
 
+@pytest.mark.slow
 def test_reload_is_disabled_without_a_token(tmp_path: Path) -> None:
     """The default: a page on another site that POSTs to the service gets nothing done."""
     with service(tmp_path) as c:
@@ -100,6 +101,7 @@ def test_allowed_hosts_from_the_environment(monkeypatch) -> None:
     assert Settings().allowed_hosts == ["c.example"]
 
 
+@pytest.mark.slow
 def test_limits_are_enforced_before_parsing_in_the_services_words(tmp_path: Path) -> None:
     with service(tmp_path, max_body_bytes=20_000, max_files=2) as c:
         # Declared too large: refused from the Content-Length alone.
@@ -171,6 +173,7 @@ def postgres_with_password(postgres_database: str) -> str:
     return f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{postgres_database}"
 
 
+@pytest.mark.slow
 def test_no_password_reaches_the_tracking_store(
     tmp_path: Path, postgres_with_password: str
 ) -> None:

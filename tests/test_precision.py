@@ -138,6 +138,7 @@ def faces(n: int, seed: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     return images.astype(np.uint8), y
 
 
+@pytest.mark.slow
 def test_bf16_trained_weights_are_served_in_fp32_with_the_training_evaluation(
     tmp_path: Path,
 ) -> None:

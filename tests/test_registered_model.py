@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,8 @@ mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model("models:/faces/1")
 out = model.predict(np.array(json.loads(sys.argv[2]), dtype=np.uint8))
 import pipeline
-print(json.dumps({"probs": out.filter(like=":").to_numpy().tolist(), "code": pipeline.__file__}))
+print(json.dumps({"probs": out.filter(like=":").to_numpy().tolist(), "code": pipeline.__file__,
+                  "cols": list(out.columns)}))
 """
 
 
@@ -158,7 +158,6 @@ def test_fresh_environment_from_the_requirements_loads_and_predicts(
     install = subprocess.run(
         [str(uv), "pip", "install", "-q", "--python", python, "-r", str(requirements)]
         + pip_sources(),
-        env=os.environ | {"UV_CACHE_DIR": str(tmp_path / "uv-cache")},
         capture_output=True,
         text=True,
         timeout=1200,
@@ -168,3 +167,5 @@ def test_fresh_environment_from_the_requirements_loads_and_predicts(
     elsewhere.mkdir()
     result = predict_elsewhere(python, registered, elsewhere, {"PATH": "/usr/bin:/bin"})
     np.testing.assert_allclose(np.array(result["probs"]), expected(registered), atol=1e-5)
+    assert result["cols"][:3] == ["age", "ethnicity", "gender"]
+    assert "age:0-3" in result["cols"] and "gender:female" in result["cols"]

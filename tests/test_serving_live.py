@@ -206,10 +206,10 @@ def schemathesis(url: str, log: Path, *flags: str) -> None:
 
 
 @pytest.mark.slow  # real processes: make test, not the edit loop
-def test_schemathesis_finds_nothing(registered: Settings, tmp_path: Path) -> None:
-    """/predict, /reload, /model, /ready, /health, with the reload token unset and set."""
-    with running_server(registered, tmp_path / "open.log", "--model-name", "faces") as (url, _):
-        schemathesis(url, tmp_path / "st-no-token.log")
+def test_schemathesis_finds_nothing(registered: Settings, server: str, tmp_path: Path) -> None:
+    """/predict, /reload, /model, /ready, /health, with the reload token unset (the module's
+    server) and set."""
+    schemathesis(server, tmp_path / "st-no-token.log")
     token = {"FACEOPT_RELOAD_TOKEN": "s3cret"}
     with running_server(registered, tmp_path / "token.log", "--model-name", "faces", env=token) as (
         url,

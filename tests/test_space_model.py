@@ -52,7 +52,7 @@ def extreme_params(name: str, high: bool) -> dict:
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "cnn-cpu"])
-@pytest.mark.parametrize("high", [False, True])
+@pytest.mark.parametrize("high", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_model_builds_and_trains_at_the_extremes(name: str, high: bool) -> None:
     params = extreme_params(name, high)
     net = network.build(params, CLASSES)
@@ -71,7 +71,7 @@ def test_model_builds_and_trains_at_the_extremes(name: str, high: bool) -> None:
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "cnn-cpu"])
-@pytest.mark.parametrize("high", [False, True])
+@pytest.mark.parametrize("high", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_folding_batch_norm_keeps_the_outputs(name: str, high: bool) -> None:
     torch.manual_seed(0)
     net = network.build(extreme_params(name, high), CLASSES)
@@ -115,7 +115,16 @@ def mixed_space(trial: optuna.Trial) -> float:
     return params["lr"] * 100 + params["last_fc"] / 64 - params["num_fc_layers"] / 8
 
 
-@pytest.mark.parametrize("name", ["tpe", "random", "skopt", "gp", "cmaes", "qmc"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tpe",
+        "random",
+        *(pytest.param(n, marks=pytest.mark.slow) for n in ("skopt", "gp")),
+        "cmaes",
+        "qmc",
+    ],
+)
 def test_every_sampler_proposes_in_bounds(name: str) -> None:
     kwargs = {"n_initial_points": 3} if name == "skopt" else {}
     study = optuna.create_study(

@@ -35,6 +35,7 @@ def child_runs(settings: Settings) -> tuple[MlflowClient, dict, list]:
     return client, {p.info.run_id: p for p in parents}, children
 
 
+@pytest.mark.slow
 def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> None:
     monkeypatch.setattr(samplers, "make_pruner", lambda name, epochs: PruneTrialOne())
     real_fit = train.fit
@@ -97,6 +98,7 @@ def test_study_logs_one_child_run_per_trial(settings: Settings, monkeypatch) -> 
     } <= plots
 
 
+@pytest.mark.slow
 def test_second_run_resumes_the_study(settings: Settings) -> None:
     tune.run(settings.model_copy(update={"n_trials": 2}))
     summary = tune.run(settings.model_copy(update={"n_trials": 2}))
@@ -113,6 +115,7 @@ def test_second_run_resumes_the_study(settings: Settings) -> None:
         assert "summary.json" in artifacts and "plots" not in artifacts
 
 
+@pytest.mark.slow
 def test_study_with_other_data_is_refused(settings: Settings, tmp_path: Path) -> None:
     tune.run(settings.model_copy(update={"n_trials": 1}))
     other = write_csv(synthetic_faces(240, seed=9), tmp_path / "other.csv")
@@ -122,6 +125,7 @@ def test_study_with_other_data_is_refused(settings: Settings, tmp_path: Path) ->
     assert len(study.trials) == 1
 
 
+@pytest.mark.slow
 def test_parallel_threads_log_every_trial(settings: Settings) -> None:
     summary = tune.run(settings.model_copy(update={"n_trials": 4, "n_jobs": 2, "sampler": "tpe"}))
     assert summary.complete == 4
@@ -170,6 +174,7 @@ def test_a_timed_study_shows_time_left_not_trials(settings: Settings, capsys) ->
     assert "/1 [" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_tune_fails_when_every_trial_fails(settings: Settings, monkeypatch, capsys) -> None:
     def broken_fit(*args, **kwargs):
         raise RuntimeError("boom: the objective is broken")
@@ -352,6 +357,7 @@ def test_a_stale_trial_closes_its_run_even_without_the_run_id(settings: Settings
     assert client.get_run(other_run).info.status == "RUNNING"
 
 
+@pytest.mark.slow
 def test_plots_of_a_warm_started_study_print_no_library_warnings(tmp_path: Path, capfd) -> None:
     """Params that one value filled (enqueued trials) make Optuna's contour plot warn per pair."""
     from pipeline.tracking import report
@@ -400,6 +406,7 @@ MLP_POINT = {
 }
 
 
+@pytest.mark.slow
 def test_enqueued_points_are_tried_first_and_once(settings: Settings, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps([MLP_POINT, MLP_POINT | {"lr": 3e-3}]))

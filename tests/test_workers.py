@@ -336,6 +336,7 @@ def set_owner(study: optuna.Study, trial: optuna.Trial, owner: Owner) -> None:
     study._storage.set_trial_system_attr(trial._trial_id, storage.OWNER_ATTR, owner.record())
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 def test_a_trial_whose_worker_died_is_failed_by_its_owner_record_or_its_age(
     tmp_path: Path,
