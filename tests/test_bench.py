@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Settings
-from tests.conftest import astronaut_face, jpeg, synthetic_faces, write_csv
+from tests.conftest import astronaut_photos, synthetic_faces, write_csv
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -25,13 +25,7 @@ NUMBER = re.compile(r"\d")
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    """Three UTKFace-named photos: a real face (female, 19-45) and her mirror image."""
-    folder = tmp_path_factory.mktemp("photos")
-    face = astronaut_face()
-    for i, name in enumerate(("35_1_0", "36_1_0", "30_0_0")):
-        image = face.transpose(0) if i == 1 else face
-        (folder / f"{name}_2017010100000000{i}.jpg.chip.jpg").write_bytes(jpeg(image))
-    return folder
+    return astronaut_photos(tmp_path_factory.mktemp("photos"))
 
 
 def stores(settings: Settings) -> dict[str, str]:

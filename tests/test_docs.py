@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -193,8 +194,6 @@ def test_the_real_makefile_has_the_documented_targets() -> None:
 def test_make_help_names_every_documented_target() -> None:
     """`make help` lists each target with a ## description by its own name (the Makefile
     includes settings.mk, so a grep over both files must not prefix the file's name)."""
-    import subprocess
-
     shown = subprocess.run(
         ["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout

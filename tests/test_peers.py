@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Settings
-from tests.conftest import astronaut_face, jpeg, require_service
+from tests.conftest import astronaut_photos, require_service
 
 ROOT = Path(__file__).parents[1]
 # Checked before any fixture trains a model. The peer pins its own Pillow and dlib-bin, so it lives
@@ -25,12 +25,7 @@ except ImportError as e:
 
 @pytest.mark.slow
 def test_peers_bench_runs_on_a_few_photos(registered: Settings, tmp_path: Path) -> None:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    face = astronaut_face()
-    for i, name in enumerate(("35_1_0", "36_1_0", "30_0_0")):  # she is female, 19-45
-        image = face.transpose(0) if i == 1 else face  # and her mirror image
-        (folder / f"{name}_2017010100000000{i}.jpg.chip.jpg").write_bytes(jpeg(image))
+    folder = astronaut_photos(tmp_path / "photos")
     env = os.environ | {
         "MLFLOW_TRACKING_URI": registered.tracking_uri,
         "FACEOPT_MODEL_NAME": registered.model_name,
