@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import re
 import sys
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -125,33 +126,34 @@ def example(spec: InputSpec) -> np.ndarray:
 
 
 def providers(module: str) -> list[str]:
-    """The installed distributions that provide top-level `module`: by their top_level.txt, or
-    else by their files (dlib-bin names only its extension, _dlib_pybind11, there, not the dlib
-    package it also installs)."""
+    """The installed distributions that provide top-level `module`."""
     return installed_providers().get(module, [])
+
+
+# A module a distribution's file list makes importable: the top-level name of every .py file
+# (`pkg/x/y.py,sha,size` -> pkg, `mod.py,...` -> mod), read from RECORD's text.
+_RECORD_MODULE = re.compile(r"^([^/,\s]+?)(?:/[^,]*)?\.py,", re.MULTILINE)
 
 
 @functools.cache
 def installed_providers() -> dict[str, list[str]]:
-    """Top-level module -> distributions, read once per process: it opens every installed
-    distribution's file list (seconds in a full environment), and installs do not change under a
-    running process."""
-    by_files: dict[str, list[str]] = {}
+    """Top-level module -> distributions, read once per process from each distribution's
+    top_level.txt and file list (dlib-bin's top_level.txt names only its extension,
+    _dlib_pybind11, not the dlib package it also installs). The file list is read as text:
+    parsing every entry into a path took seconds in a full environment."""
+    found: dict[str, list[str]] = {}
     for dist in importlib_metadata.distributions():
-        modules = {_top_module(f.parts) for f in dist.files or ()} - {None}
+        modules = set((dist.read_text("top_level.txt") or "").split())
+        record = dist.read_text("RECORD")
+        if record is None:  # an egg-info install: its file list in another form
+            modules |= {
+                f.parts[0].removesuffix(".py") for f in dist.files or () if f.suffix == ".py"
+            }
+        else:
+            modules |= set(_RECORD_MODULE.findall(record))
         for module in modules:
-            by_files.setdefault(module, []).append(dist.metadata["Name"])
-    return by_files | importlib_metadata.packages_distributions()
-
-
-def _top_module(parts: tuple[str, ...]) -> str | None:
-    """The module a distribution's file makes importable at top level: a package's __init__.py
-    or a lone .py file."""
-    if len(parts) == 2 and parts[1] == "__init__.py":
-        return parts[0]
-    if len(parts) == 1 and parts[0].endswith(".py"):
-        return parts[0].removesuffix(".py")
-    return None
+            found.setdefault(module, []).append(dist.metadata["Name"])
+    return found
 
 
 def signature(edges: tuple[int, ...], spec: InputSpec = SEED_FORM) -> ModelSignature:
