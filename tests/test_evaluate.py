@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline import cli, evaluate
 from pipeline.config import Settings
+from pipeline.training import metrics
 from tests.conftest import astronaut_face, jpeg
 
 
@@ -43,7 +44,18 @@ def test_in_a_photo_puts_the_face_in_the_middle() -> None:
 def test_no_answer_counts_as_wrong() -> None:
     truth = {h: np.array([0, 1, 1, 0]) for h in ("age", "ethnicity", "gender")}
     pred = {h: np.array([0, 1, evaluate.NO_ANSWER, evaluate.NO_ANSWER]) for h in truth}
-    assert evaluate.scores(pred, truth)["gender_acc"] == 0.5
+    scores = evaluate.scores(pred, truth)
+    assert scores["gender_acc"] == 0.5
+    assert scores["gender_f1"] == pytest.approx(2 / 3)  # F1 of 0 and of 1: 2 / (2 + 1) each
+
+
+def test_macro_f1_of_a_known_case() -> None:
+    """Each class true or predicted counts once: 0 has F1 2/3, 1 (predicted thrice, true once)
+    1/2, and 2 (never predicted) 0; unless the classes are given."""
+    truth, pred = np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1])
+    assert metrics.macro_f1(truth, pred) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert metrics.macro_f1(truth, pred, np.array([0, 1])) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert metrics.macro_f1(truth, truth) == 1.0
 
 
 def test_intervals_of_the_accuracy_and_the_paired_gap() -> None:
