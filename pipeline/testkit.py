@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+_DIGITS = [str(v) for v in range(256)]  # a pixel's text: 5x faster than str() of numpy's uint8
+
 
 def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
     """Rows in the Kaggle layout whose pixels carry a learnable signal for every label."""
@@ -33,7 +35,7 @@ def synthetic_faces(n: int, seed: int = 0) -> pd.DataFrame:
             "ethnicity": eth,
             "gender": gender,
             "img_name": [f"2017010{i:09d}.jpg.chip.jpg" for i in range(n)],
-            "pixels": [" ".join(map(str, row)) for row in pixels],
+            "pixels": [" ".join(map(_DIGITS.__getitem__, row)) for row in pixels.tolist()],
         }
     )
 

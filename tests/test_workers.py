@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -86,6 +87,21 @@ def start_worker(settings: Settings, until: int, log: Path) -> subprocess.Popen:
         )
 
 
+def watch(name: str, url: str) -> Callable[[], optuna.Study | None]:
+    """The study as it is now (None until a worker has made it), read through one storage:
+    opening one from its URL at every poll took a sixth of a second of the CPU that the workers
+    under test need."""
+    store = optuna.storages.RDBStorage(url)
+
+    def study() -> optuna.Study | None:
+        try:
+            return optuna.load_study(study_name=name, storage=store)
+        except KeyError:
+            return None
+
+    return study
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -110,16 +126,13 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
     load_data(slow)  # decode once, so both workers start from the cache together
     a = start_worker(slow, 4, tmp_path / "a.log")
     b = start_worker(slow, 4, tmp_path / "b.log")
-    storage_url = slow.storage
+    study = watch("kill", slow.storage)
 
     def running_of(pid: int) -> list[optuna.trial.FrozenTrial]:
-        try:
-            study = optuna.load_study(study_name="kill", storage=storage_url)
-        except KeyError:
-            return []
+        now = study()
         return [
             t
-            for t in study.get_trials(states=[optuna.trial.TrialState.RUNNING])
+            for t in (now.get_trials(states=[TrialState.RUNNING]) if now else [])
             # with its params: a trial runs (and is owned) before its sampler has spoken
             if t.user_attrs.get("worker", "").endswith(f":{pid}") and t.params
         ]
@@ -131,12 +144,12 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
     a.wait()
     assert b.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
 
-    study = optuna.load_study(study_name="kill", storage=storage_url)
-    states = Counter(t.state for t in study.trials)
-    assert states[optuna.trial.TrialState.COMPLETE] >= 3
-    assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
-    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    trials = study().trials
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] >= 3
+    assert trials[victim.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == victim.params
 
     runs = runs_by_trial(slow)
@@ -176,12 +189,11 @@ def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
         text=True,
     )
 
+    study = watch("interrupt", slow.storage)
+
     def a_trial_runs() -> bool:
-        try:
-            study = optuna.load_study(study_name="interrupt", storage=slow.storage)
-        except KeyError:
-            return False
-        running = study.get_trials(states=[optuna.trial.TrialState.RUNNING])
+        now = study()
+        running = now.get_trials(states=[TrialState.RUNNING]) if now else []
         return any(t.user_attrs.get(RUN_ID_ATTR) for t in running)  # its MLflow run is made
 
     wait_for(a_trial_runs, 120, "a running trial")
@@ -191,18 +203,17 @@ def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
     assert proc.returncode == 130, out[-3000:]
     assert "run the same command to resume" in out
 
-    study = optuna.load_study(study_name="interrupt", storage=slow.storage)
-    interrupted = study.trials[-1]
-    assert interrupted.state == optuna.trial.TrialState.FAIL
+    trials = study().trials
+    interrupted = trials[-1]
+    assert interrupted.state == TrialState.FAIL
     (run,) = runs_by_trial(slow)[interrupted.number]
     assert run.info.status == "KILLED" and run.data.tags["state"] == "FAIL"
     client = MlflowClient(slow.tracking_uri)
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
 
-    before = len(study.trials)
     tune.run(slow.model_copy(update={"n_trials": 1}))  # same epochs: others are refused
-    assert len(optuna.load_study(study_name="interrupt", storage=slow.storage).trials) == before + 1
+    assert len(study().trials) == len(trials) + 1
 
 
 def session_of(sid: int) -> list[psutil.Process]:
@@ -265,11 +276,7 @@ def test_a_killed_tune_is_closed_at_once_by_the_next(tmp_path: Path, settings: S
             start_new_session=True,  # its own process group, as a terminal's job
         )
 
-    def study() -> optuna.Study | None:
-        try:
-            return optuna.load_study(study_name=slow.study, storage=slow.storage)
-        except KeyError:
-            return None
+    study = watch(slow.study, slow.storage)
 
     def mid_trial() -> bool:  # a trial done, one training with epochs still to go
         found = study()
