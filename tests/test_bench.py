@@ -7,7 +7,6 @@ values; nothing is written into bench/results/ (--no-save, --logs). bench.peers 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,10 +21,8 @@ ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
 NUMBER = re.compile(r"\d")
 
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return astronaut_photos(tmp_path_factory.mktemp("photos"))
+# One process runs every bench (see `benches`): its tests share one pytest-xdist process.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench")]
 
 
 def stores(settings: Settings) -> dict[str, str]:
@@ -38,19 +35,6 @@ def stores(settings: Settings) -> dict[str, str]:
         "FACEOPT_DATA": str(settings.data),
         "FACEOPT_CACHE_DIR": str(settings.cache_dir),
     }
-
-
-def bench(module: str, *args: object, env: dict[str, str] | None = None) -> str:
-    """`python -m bench.<module> ARGS --no-save` from the repository root: what it printed, once
-    it exited 0 and left bench/results/ as it was."""
-    before = sorted(RESULTS.rglob("*"))
-    cmd = [sys.executable, "-m", f"bench.{module}", *map(str, args), "--no-save"]
-    done = subprocess.run(
-        cmd, cwd=ROOT, env=os.environ | (env or {}), capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(RESULTS.rglob("*")) == before, "a smoke run wrote into bench/results/"
-    return done.stdout
 
 
 def rows(text: str) -> list[list[str]]:
@@ -72,19 +56,85 @@ def labels(text: str) -> list[str]:
     return [row[0] for row in found]
 
 
-@pytest.mark.slow
-def test_run_bench_runs_every_section_on_a_tiny_csv(tmp_path: Path) -> None:
-    """`make bench`: every section at its smallest. Tuning runs with 1 worker alone: a 2-worker
-    run is three more processes' imports (about 30 s on 2 cores); bench_tuning's code is the same
-    for both, and tests/test_workers.py covers the workers."""
-    data = write_csv(synthetic_faces(100), tmp_path / "faces.csv")
-    out = bench(
-        "run",
-        *("--data", data, "--repeats", 1, "--epochs", 1),
-        *("--tune-trials", 2, "--tune-repeats", 1, "--tune-workers", 1),
-        env={"FACEOPT_STUDY_PLOTS": "false"},  # the tuning run's plots: 6 s of matplotlib
+# Every bench by its own `__main__`, with its own argv and environment, one after another in one
+# process: each is seconds of work after seconds of imports (torch and its compiler, MLflow,
+# dlib's models), which a process per bench would pay eight times. A bench that fails has its
+# traceback in its place.
+RUN_EACH = """
+import contextlib, io, json, os, runpy, sys, traceback
+found = {}
+for module, argv, env in json.loads(sys.argv[1]):
+    sys.argv = [f"bench/{module}.py", *argv]
+    before = dict(os.environ)
+    os.environ.update(env)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_module(f"bench.{module}", run_name="__main__")
+        found[module] = {"out": out.getvalue()}
+    except BaseException:
+        found[module] = {"out": out.getvalue(), "error": traceback.format_exc()}
+    os.environ.clear()
+    os.environ.update(before)
+print(json.dumps(found))
+"""
+
+
+@pytest.fixture(scope="module")
+def benches(registered: Settings, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """What each bench printed (and its traceback if it failed), all run once, at their
+    smallest, none saving into bench/results/ (--no-save, --logs)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    photos = astronaut_photos(tmp / "photos")
+    data = write_csv(synthetic_faces(100), tmp / "faces.csv")
+    # `make bench`: every section at its smallest. Tuning runs with 1 worker alone: a 2-worker
+    # run is three more processes' imports; bench_tuning's code is the same for both, and
+    # tests/test_workers.py covers the workers. The tuning run's plots (seconds of matplotlib)
+    # are off. First: its peak memory is of the processes this one started.
+    run = ["--data", data, "--repeats", 1, "--epochs", 1]
+    run += ["--tune-trials", 2, "--tune-repeats", 1, "--tune-workers", 1]
+    # `make bench-serve`: our server and `mlflow models serve` of the champion, a few requests at
+    # two concurrencies, and the served accuracy on the photos.
+    serve = ["--samples", photos, "--requests", 4, "--concurrency", "1,2", "--logs", tmp / "logs"]
+    # `make bench-abuse`: every case once, smaller (a 1000x1000 PNG, a 1 MiB header), the
+    # service's limits lowered through its own settings (2 files a request, 2 s for a body, so
+    # that the slow body is refused in 2 s, not 30); nothing settles.
+    abuse = ["--concurrency", 1, "--settle", 0, "--bomb-side", 1000, "--header-mib", 1]
+    abuse += ["--logs", tmp / "logs"]
+    model = stores(registered)
+    limits = {"FACEOPT_MAX_FILES": "2", "FACEOPT_BODY_TIMEOUT": "2"}
+    each = [
+        ("run", run, {"FACEOPT_STUDY_PLOTS": "false"}),
+        ("serve", serve, model),
+        ("abuse", abuse, model | limits),
+        ("by_age", ["--photos", photos], model),
+        ("chips", ["--crops", photos], model),
+        ("descriptor", ["--chips", photos, "--repeats", 1], model),
+        ("versions", ["--photos", photos, "champion", 1], model),  # the champion against itself
+        ("views", ["--version", "champion"], model),
+    ]
+    argv = [[module, [*map(str, args), "--no-save"], env] for module, args, env in each]
+    before = sorted(RESULTS.rglob("*"))
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_EACH, json.dumps(argv)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    found = labels(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(RESULTS.rglob("*")) == before, "a smoke run wrote into bench/results/"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def printed(benches: dict[str, dict[str, str]], module: str) -> str:
+    """What `module` printed, once it ran to its end."""
+    assert "error" not in benches[module], benches[module]["error"]
+    return benches[module]["out"]
+
+
+def test_run_bench_runs_every_section(benches: dict) -> None:
+    found = labels(printed(benches, "run"))
     expected = [
         "data load: first",
         "data load: cached",
@@ -110,18 +160,8 @@ def test_run_bench_runs_every_section_on_a_tiny_csv(tmp_path: Path) -> None:
         assert label.startswith(start), (label, start)
 
 
-@pytest.mark.slow
-def test_serve_bench_against_mlflow_models_serve(
-    registered: Settings, photos: Path, tmp_path: Path
-) -> None:
-    """`make bench-serve`: our server and `mlflow models serve` of the champion, a few requests
-    at two concurrencies, and the served accuracy on the photos (--samples)."""
-    out = bench(
-        "serve",
-        *("--samples", photos, "--requests", 4, "--concurrency", "1,2"),
-        *("--logs", tmp_path / "logs"),
-        env=stores(registered),
-    )
+def test_serve_bench_against_mlflow_models_serve(benches: dict) -> None:
+    out = printed(benches, "serve")
     found = labels(out)
     assert found[:4] == ["faceopt /predict (JPEG)"] * 2 + ["mlflow models serve (48x48 JSON)"] * 2
     assert found[4:] == ["1", "2"]  # the faceopt / mlflow ratio per concurrency
@@ -129,19 +169,8 @@ def test_serve_bench_against_mlflow_models_serve(
     assert "each in a photo 2x its size" in out
 
 
-@pytest.mark.slow
-def test_abuse_bench_against_a_real_server(registered: Settings, tmp_path: Path) -> None:
-    """`make bench-abuse`: every case once, smaller (a 1000x1000 PNG, a 1 MiB header). The
-    service's limits are lowered through its own settings (2 files a request, 2 s for a body), so
-    the slow body is refused in 2 s, not 30; nothing settles (--settle 0)."""
-    env = stores(registered) | {"FACEOPT_MAX_FILES": "2", "FACEOPT_BODY_TIMEOUT": "2"}
-    out = bench(
-        "abuse",
-        *("--concurrency", 1, "--settle", 0, "--bomb-side", 1000, "--header-mib", 1),
-        *("--logs", tmp_path / "logs"),
-        env=env,
-    )
-    found = labels(out)
+def test_abuse_bench_against_a_real_server(benches: dict) -> None:
+    found = labels(printed(benches, "abuse"))
     assert re.fullmatch(r"1 requests x 1 PNG of \d+ KB declaring 1000x1000 pixels", found[0])
     assert found[1:] == [
         "1 requests x 2 noise JPEGs of 5.0 MiB",
@@ -149,89 +178,35 @@ def test_abuse_bench_against_a_real_server(registered: Settings, tmp_path: Path)
         "a 1 MiB header",
         "a body sent 1 byte per 100 ms",
     ]
-    assert "/health afterwards: 200" in out
+    assert "/health afterwards: 200" in printed(benches, "abuse")
 
 
-# The evaluation benches, each by its own `__main__` with its own argv, one after another in one
-# process: each is seconds of work after seconds of imports (torch, MLflow, dlib's models), which
-# five processes would pay five times. A bench that fails has its traceback in its place.
-RUN_EACH = """
-import contextlib, io, json, runpy, sys, traceback
-found = {}
-for module, *argv in json.loads(sys.argv[1]):
-    sys.argv = [f"bench/{module}.py", *argv]
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            runpy.run_module(f"bench.{module}", run_name="__main__")
-        found[module] = {"out": out.getvalue()}
-    except BaseException:
-        found[module] = {"out": out.getvalue(), "error": traceback.format_exc()}
-print(json.dumps(found))
-"""
-
-
-@pytest.fixture(scope="module")
-def evaluation_benches(registered: Settings, photos: Path) -> dict[str, dict[str, str]]:
-    """What each evaluation bench printed (and its traceback if it failed), all run once."""
-    each = [
-        ["by_age", "--photos", str(photos)],
-        ["chips", "--crops", str(photos)],
-        ["descriptor", "--chips", str(photos), "--repeats", "1"],
-        ["versions", "--photos", str(photos), "champion", "1"],  # the champion against itself
-        ["views", "--version", "champion"],
-    ]
-    before = sorted(RESULTS.rglob("*"))
-    done = subprocess.run(
-        [sys.executable, "-c", RUN_EACH, json.dumps([[*e, "--no-save"] for e in each])],
-        cwd=ROOT,
-        env=os.environ | stores(registered),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(RESULTS.rglob("*")) == before, "a smoke run wrote into bench/results/"
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def printed(benches: dict[str, dict[str, str]], module: str) -> str:
-    """What `module` printed, once it ran to its end."""
-    assert "error" not in benches[module], benches[module]["error"]
-    return benches[module]["out"]
-
-
-@pytest.mark.slow
-def test_by_age_bench(evaluation_benches: dict) -> None:
-    out = printed(evaluation_benches, "by_age")
+def test_by_age_bench(benches: dict) -> None:
+    out = printed(benches, "by_age")
     assert labels(out) == ["0-3", "4-18", "19-45", "46-64", "65+"]
     assert "Photos, served: " in out and "Test split: " in out
 
 
-@pytest.mark.slow
-def test_chips_bench(evaluation_benches: dict) -> None:
-    out = printed(evaluation_benches, "chips")
+def test_chips_bench(benches: dict) -> None:
+    out = printed(benches, "chips")
     assert labels(out) == ["68 landmarks"] * 3 + ["5 landmarks"] * 3
     assert "the crops' lowest" in out and "pictures without people: highest" in out
 
 
-@pytest.mark.slow
-def test_descriptor_bench(evaluation_benches: dict) -> None:
-    out = printed(evaluation_benches, "descriptor")
+def test_descriptor_bench(benches: dict) -> None:
+    out = printed(benches, "descriptor")
     assert labels(out) == ["1", "3"]  # faces per call: one, and all three in one batch
     assert "Euclidean distance between the two descriptors" in out
 
 
-@pytest.mark.slow
-def test_versions_bench(evaluation_benches: dict) -> None:
-    out = printed(evaluation_benches, "versions")
+def test_versions_bench(benches: dict) -> None:
+    out = printed(benches, "versions")
     assert labels(out) == ["age", "ethnicity", "gender"]
     assert "Network time per face" in out
 
 
-@pytest.mark.slow
-def test_views_bench(evaluation_benches: dict) -> None:
-    out = printed(evaluation_benches, "views")
+def test_views_bench(benches: dict) -> None:
+    out = printed(benches, "views")
     sets = ["plain", "+ mirror", "+ mirror, 4 shifts", "+ mirror, zoom 1.08 and 0.92"]
     assert [row[:2] for row in rows(out)] == [[s, v] for s in ("val", "test") for v in sets]
     assert all(NUMBER.search(row[2]) for row in rows(out))

@@ -28,6 +28,10 @@ from tests.conftest import (
 )
 
 SAMPLES = REAL_DATA / "utkface_sample"
+
+# Real server processes (make test, not the edit loop), started once per module: its tests share
+# one pytest-xdist process.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving_live")]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -44,9 +48,26 @@ def running_server(registered: Settings, log: Path, *flags: str, env: dict | Non
 
 @pytest.fixture(scope="module")
 def server(registered: Settings, tmp_path_factory):
+    """One process, the reload token unset: what a user starts first."""
     log = tmp_path_factory.mktemp("server") / "uvicorn.log"
     with running_server(registered, log, "--model-name", "faces") as (url, _):
         yield url
+
+
+TOKEN = "live-s3cret"
+BODY_TIMEOUT = 2  # seconds; the default 30 would keep the slowloris test waiting
+
+
+@pytest.fixture(scope="module")
+def workers_server(registered: Settings, tmp_path_factory):
+    """--workers 2, the reload token of the environment set, a short FACEOPT_BODY_TIMEOUT; its
+    URL and the supervising process. One server for the tests that need these, as starting one
+    is seconds of imports per process."""
+    log = tmp_path_factory.mktemp("server") / "uvicorn.log"
+    env = {"FACEOPT_RELOAD_TOKEN": TOKEN, "FACEOPT_BODY_TIMEOUT": str(BODY_TIMEOUT)}
+    flags = ("--model-name", "faces", "--workers", "2")
+    with running_server(registered, log, *flags, env=env) as (url, proc):
+        yield url, proc
 
 
 def answering_process(response: httpx.Response, workers: list[int]) -> int:
@@ -62,74 +83,63 @@ def answering_process(response: httpx.Response, workers: list[int]) -> int:
     return holders[0]
 
 
-@pytest.mark.slow  # real processes: make test, not the edit loop
-def test_several_worker_processes_serve_the_champion(registered: Settings, tmp_path) -> None:
+def test_several_worker_processes_serve_the_champion(workers_server) -> None:
     """--workers 2: two processes, both answering (each answer is traced to the process that
     holds its connection), each loaded with the champion the flags named, each with the reload
     token of the environment."""
     face = io.BytesIO()
     Image.new("RGB", (120, 120), (90, 90, 90)).save(face, format="JPEG")
-    token = {"FACEOPT_RELOAD_TOKEN": "live-s3cret"}
-    with running_server(
-        registered, tmp_path / "log", "--model-name", "faces", "--workers", "2", env=token
-    ) as (
-        url,
-        proc,
-    ):
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        workers = [
-            int(pid)
-            for pid in children
-            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-        ]
-        assert len(workers) == 2, children
-        predicted, reloaded = set(), set()
-        auth = {"Authorization": "Bearer live-s3cret"}
-        # A new connection each time, until both processes have answered both kinds of request:
-        # whichever process takes a connection answers the same way.
-        for _ in range(60):
-            with httpx.Client(base_url=url, timeout=30) as http:
-                r = http.post("/predict", files=[("files", ("f.jpg", face.getvalue()))])
-                assert r.status_code == 200, r.text
-                assert r.json()["model"] == {"name": "faces", "version": "1", "alias": "champion"}
-                predicted.add(answering_process(r, workers))
-            with httpx.Client(base_url=url, timeout=30) as http:
-                r = http.post("/reload", headers=auth)
-                assert r.status_code == 200, r.text
-                reloaded.add(answering_process(r, workers))
-                assert http.post("/reload").status_code == 401
-            if predicted == reloaded == set(workers):
-                break
-        assert predicted == reloaded == set(workers)
+    url, proc = workers_server
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    workers = [
+        int(pid)
+        for pid in children
+        if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    ]
+    assert len(workers) == 2, children
+    predicted, reloaded = set(), set()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    # A new connection each time, until both processes have answered both kinds of request:
+    # whichever process takes a connection answers the same way.
+    for _ in range(60):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            r = http.post("/predict", files=[("files", ("f.jpg", face.getvalue()))])
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == {"name": "faces", "version": "1", "alias": "champion"}
+            predicted.add(answering_process(r, workers))
+        with httpx.Client(base_url=url, timeout=30) as http:
+            r = http.post("/reload", headers=auth)
+            assert r.status_code == 200, r.text
+            reloaded.add(answering_process(r, workers))
+            assert http.post("/reload").status_code == 401
+        if predicted == reloaded == set(workers):
+            break
+    assert predicted == reloaded == set(workers)
 
 
-@pytest.mark.slow  # real processes: make test, not the edit loop
-def test_a_body_that_never_arrives_gets_408(registered: Settings, tmp_path) -> None:
+def test_a_body_that_never_arrives_gets_408(workers_server) -> None:
     """A client that declares a body and sends it too slowly (a slowloris) is answered 408 once
     FACEOPT_BODY_TIMEOUT has passed, and the connection is freed."""
-    with running_server(
-        registered, tmp_path / "log", "--model-name", "faces", env={"FACEOPT_BODY_TIMEOUT": "1"}
-    ) as (url, _):
-        port = int(url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-            s.sendall(
-                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
-                b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
-            )
-            start = time.monotonic()
-            answer = s.recv(4096).decode("latin-1")
-            waited = time.monotonic() - start
-            while not answer.endswith("}"):  # headers and body may come in separate packets
-                more = s.recv(4096).decode("latin-1")
-                if not more:
-                    break
-                answer += more
-        assert answer.startswith("HTTP/1.1 408"), answer
-        assert "FACEOPT_BODY_TIMEOUT" in answer and 0.8 < waited < 10
-        assert httpx.get(f"{url}/health").status_code == 200
+    url, _ = workers_server
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+        )
+        start = time.monotonic()
+        answer = s.recv(4096).decode("latin-1")
+        waited = time.monotonic() - start
+        while not answer.endswith("}"):  # headers and body may come in separate packets
+            more = s.recv(4096).decode("latin-1")
+            if not more:
+                break
+            answer += more
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "FACEOPT_BODY_TIMEOUT" in answer and 0.8 * BODY_TIMEOUT < waited < 10
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
-@pytest.mark.slow
 def test_real_server_answers_the_utkface_sample(server: str) -> None:
     if not SAMPLES.is_dir():
         pytest.skip(f"no UTKFace sample at {SAMPLES} (it comes with ../shared/data)")
@@ -151,7 +161,6 @@ def test_real_server_answers_the_utkface_sample(server: str) -> None:
     assert answered >= 0.99 * len(files)  # aligned face crops are answered
 
 
-@pytest.mark.slow
 def test_browser_uploads_and_sees_predictions(server: str, tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
         require_service("chromium", "Debian's chromium is not installed (apt-get install chromium)")
@@ -205,15 +214,9 @@ def schemathesis(url: str, log: Path, *flags: str) -> None:
     assert " passed" in done.stdout and "failure" not in done.stdout
 
 
-@pytest.mark.slow  # real processes: make test, not the edit loop
-def test_schemathesis_finds_nothing(registered: Settings, server: str, tmp_path: Path) -> None:
-    """/predict, /reload, /model, /ready, /health, with the reload token unset (the module's
-    server) and set."""
+def test_schemathesis_finds_nothing(server: str, workers_server, tmp_path: Path) -> None:
+    """/predict, /reload, /model, /ready, /health, with the reload token unset and set."""
     schemathesis(server, tmp_path / "st-no-token.log")
-    token = {"FACEOPT_RELOAD_TOKEN": "s3cret"}
-    with running_server(registered, tmp_path / "token.log", "--model-name", "faces", env=token) as (
-        url,
-        _,
-    ):
-        schemathesis(url, tmp_path / "st-token.log", "-H", "Authorization: Bearer s3cret")
-        schemathesis(url, tmp_path / "st-token-missing.log", "--include-path", "/reload")
+    url, _ = workers_server
+    schemathesis(url, tmp_path / "st-token.log", "-H", f"Authorization: Bearer {TOKEN}")
+    schemathesis(url, tmp_path / "st-token-missing.log", "--include-path", "/reload")
