@@ -156,6 +156,7 @@ def test_skopt_options_are_checked() -> None:
         samplers.make_pruner("x", 5)
 
 
+@pytest.mark.slow  # seconds each: scikit-learn and scikit-optimize fit their models
 @pytest.mark.parametrize("estimator", ["ET", "RF", "GP", "GBRT"])
 def test_skopt_estimators_and_acquisitions(estimator: str) -> None:
     sampler = samplers.make_sampler(
