@@ -1,8 +1,8 @@
-"""Every benchmark under bench/ run as `make bench*` runs it, a real process on tiny data (a
-synthetic CSV, three photos of one face, the session's registered model), so that a refactor
-cannot break one unseen. Only that each one runs to its table is checked, never its numbers'
-values; nothing is written into bench/results/ (--no-save, --logs). bench.peers has its own test
-(tests/test_peers.py)."""
+"""Every benchmark under bench/ run by its own `__main__`, as `make bench*` runs it, in a real
+process on tiny data (a synthetic CSV, three photos of one face, the session's registered model),
+so that a refactor cannot break one unseen. Only that each one runs to its table is checked, never
+its numbers' values; nothing is written into bench/results/ (--no-save, --logs). bench.peers has
+its own test (tests/test_peers.py)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def benches(registered: Settings, tmp_path_factory) -> dict[str, dict[str, str]]
     # `make bench`: every section at its smallest. Tuning runs with 1 worker alone: a 2-worker
     # run is three more processes' imports; bench_tuning's code is the same for both, and
     # tests/test_workers.py covers the workers. The tuning run's plots (seconds of matplotlib)
-    # are off. First: its peak memory is of the processes this one started.
+    # are off. It runs first: its "peak memory of one process" is the largest child so far.
     run = ["--data", data, "--repeats", 1, "--epochs", 1]
     run += ["--tune-trials", 2, "--tune-repeats", 1, "--tune-workers", 1]
     # `make bench-serve`: our server and `mlflow models serve` of the champion, a few requests at

@@ -28,11 +28,11 @@ from tests.conftest import (
 )
 
 SAMPLES = REAL_DATA / "utkface_sample"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 # Real server processes (make test, not the edit loop), started once per module: its tests share
 # one pytest-xdist process.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving_live")]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @contextmanager
