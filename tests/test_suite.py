@@ -28,6 +28,7 @@ def test_free(i):
 """
 
 
+@pytest.mark.slow  # three pytest processes: seconds beside the other tests
 def test_an_xdist_group_runs_in_one_process(pytestconfig: pytest.Config, tmp_path: Path) -> None:
     """tests/test_bench.py and tests/test_serving_live.py start their bench process and servers
     once per module, and an xdist_group mark keeps each module in one pytest-xdist process under
