@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -10,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -19,8 +22,13 @@ from pipeline import config
 from pipeline.config import Settings
 from pipeline.errors import FaceoptError
 
+if typing.TYPE_CHECKING:
+    from fastapi import FastAPI
+
 log = logging.getLogger("faceopt")
 
+# `faceopt serve --workers N` hands its settings to uvicorn's worker processes through this variable.
+SERVE_SETTINGS_ENV = "FACEOPT_SERVE_SETTINGS"
 KAGGLE_DATASET = "nipunarora8/age-gender-and-ethnicity-face-data-csv"
 
 
@@ -117,9 +125,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
+@contextmanager
+def startup() -> Iterator[None]:
+    """Around a command's first imports. torch, MLflow and the rest leave some 450,000 objects
+    that live as long as the process, and the cycle collector would walk them again at each of
+    its full passes while they load: 2 s of a 5 s start. They are collected once instead, then
+    frozen out of later passes. Once per process (tests call main() again and again)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.collect()
+        gc.freeze()
+        gc.enable()
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
-    from pipeline import tune
-    from pipeline.tracking import report
+    with startup():
+        from pipeline import tune
+        from pipeline.tracking import report
 
     # Optuna's own per-trial lines would break its progress bar; the summary follows at the end.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -130,8 +157,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_tune_worker(args: argparse.Namespace) -> int:
     """One worker on a shared study, until it has `until` finished trials (default N_TRIALS)."""
-    from pipeline import tune
-    from pipeline.tracking import report
+    with startup():
+        from pipeline import tune
+        from pipeline.tracking import report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = _settings(args)
@@ -144,7 +172,8 @@ def cmd_tune_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline import compare
+    with startup():
+        from pipeline import compare
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = _settings(args)
@@ -155,7 +184,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline import tune
+    with startup():
+        from pipeline import tune
 
     settings = _settings(args)
     run_id = tune.report_run(settings, args.run_id)
@@ -164,8 +194,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train_best(args: argparse.Namespace) -> int:
-    from pipeline import train_best
-    from pipeline.data import labels
+    with startup():
+        from pipeline import train_best
+        from pipeline.data import labels
 
     result = train_best.run(_settings(args), promote=args.promote)
     heads = ", ".join(f"{h} {result.scores[f'test_{h}_acc']:.4f}" for h in labels.HEADS)
@@ -183,7 +214,8 @@ def cmd_train_best(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """The service's answers on a folder of labelled photos, next to the dataset's conversion."""
-    from pipeline import evaluate
+    with startup():
+        from pipeline import evaluate
 
     try:
         contexts = tuple(float(c) for c in args.context.split(","))
@@ -203,17 +235,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serving.app import SETTINGS_ENV, create_app
-
     settings = _settings(args)
     if settings.serve_workers == 1:
+        with startup():
+            from serving.app import create_app
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
         return 0
     # Several processes: uvicorn imports the app in each, so the settings travel by environment
     # (the reload token, a secret that comes only from the environment, is inherited as it is).
-    os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude_none=True, exclude={"reload_token"})
+    # This process only supervises them: it imports neither torch nor the app.
+    os.environ[SERVE_SETTINGS_ENV] = settings.model_dump_json(
+        exclude_none=True, exclude={"reload_token"}
+    )
     uvicorn.run(
-        "serving.app:app_from_env",
+        f"{__name__}:serving_app",
         factory=True,
         workers=settings.serve_workers,
         host=settings.host,
@@ -221,6 +256,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level="info",
     )
     return 0
+
+
+def serving_app() -> FastAPI:
+    """The app in each of uvicorn's worker processes, with the settings `faceopt serve` passed on."""
+    with startup():
+        from serving.app import create_app
+    return create_app(Settings(**json.loads(os.environ[SERVE_SETTINGS_ENV])))
 
 
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
@@ -373,7 +415,9 @@ def parser() -> argparse.ArgumentParser:
         "(default: --n-trials, counted over the whole study)",
     )
     worker.add_argument("--parent-run-id", help="log trials under this MLflow run")
-    worker.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    worker.add_argument(
+        "--quiet", action="store_true", help="no progress bar, summary or Ctrl-C message"
+    )
     worker.set_defaults(func=cmd_tune_worker, own=("parent_run_id", "until", "quiet"))
 
     cmp = sub.add_parser("compare-samplers", help="one study per sampler and seed, compared")
@@ -469,8 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faceopt {args.command}: invalid setting: {e}", file=sys.stderr)
     except FaceoptError as e:  # the user's to fix: the message says how; a bug keeps its traceback
         print(f"faceopt {args.command}: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("interrupted; the study is saved, run the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # a --quiet worker's coordinator, if any, says it once for all
+        if not getattr(args, "quiet", False):
+            print(
+                "interrupted; the study is saved, run the same command to resume", file=sys.stderr
+            )
         return 130
     return 2
 

@@ -74,7 +74,8 @@ def run_workers(settings: Settings) -> report.StudySummary:
         on_end=summary,
     ) as stage:
         _log_setup(client, stage.run_id, settings, attrs, split, faces)
-        cmd = [sys.executable, "-m", __name__, stage.run_id, str(until)]  # worker_main, below
+        cmd = [sys.executable, "-m", "pipeline.cli", "tune-worker", "--quiet"]
+        cmd += ["--parent-run-id", stage.run_id, "--until", str(until)]
         codes = workers.spawn(settings, cmd, until, study)
         if any(codes):
             raise RuntimeError(f"worker exit codes {codes}; see their messages above")
@@ -291,22 +292,3 @@ def report_run(settings: Settings, run_id: str | None = None) -> str:
         metric = study.user_attrs.get("metric", settings.metric)
         runs.log_summary(stage.client, stage.run_id, study, metric)
     return stage.run_id
-
-
-def worker_main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.tune PARENT_RUN_ID UNTIL`: one of run_workers' processes, its settings
-    from the FACEOPT_* environment the coordinator gave it, its trials under the parent run."""
-    parent_run_id, until = argv or sys.argv[1:]
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        run_worker(Settings(), parent_run_id, int(until), progress=False)
-    except KeyboardInterrupt:  # the coordinator got the same Ctrl-C and reports it
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

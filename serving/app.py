@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 from contextlib import asynccontextmanager, suppress
 
 import torch
@@ -26,8 +24,6 @@ from serving.metrics import Metrics, MetricsMiddleware
 from serving.store import ModelStore, NoModel
 
 log = logging.getLogger(__name__)
-# `faceopt serve --workers N` hands its settings to uvicorn's worker processes through this variable.
-SETTINGS_ENV = "FACEOPT_SERVE_SETTINGS"
 # Text fields the multipart parser reads before the route refuses them (422), and their size:
 # Starlette's defaults are 1,000 parts of either kind; the parser stops at these instead.
 FORM_FIELDS, FORM_FIELD_BYTES = 8, 64 * 1024
@@ -142,11 +138,6 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
             message = "expected an image file (a part with a filename), got a text field"
         problems.append(f"{where}: {message}")
     return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
-
-
-def app_from_env() -> FastAPI:
-    """The app in each of uvicorn's worker processes, with the settings `faceopt serve` passed on."""
-    return create_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

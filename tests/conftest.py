@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline import cli
 from pipeline.config import Settings
 
 # Shared with bench/ and docs/ (pipeline/testkit.py); the tests import them from here.
@@ -48,6 +49,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return fast, "registered" in getattr(item, "fixturenames", ())
 
     items.sort(key=order)  # stable: each module's tests keep their order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Collection imported torch, MLflow and the rest: collected once and frozen out of later
+    garbage collections, as every `faceopt` command does after its imports (cli.startup)."""
+    with cli.startup():
+        pass
 
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
