@@ -61,9 +61,14 @@ def labels(text: str) -> list[str]:
 # dlib's models), which a process per bench would pay eight times. A bench that fails has its
 # traceback in its place.
 RUN_EACH = """
-import contextlib, io, json, os, runpy, sys, traceback
+import contextlib, importlib, io, json, os, runpy, sys, traceback
+from pipeline.cli import startup
+plan = json.loads(sys.argv[1])
+with startup():  # their imports once, as a faceopt command loads its own
+    for module, _, _ in plan:
+        importlib.import_module(f"bench.{module}")
 found = {}
-for module, argv, env in json.loads(sys.argv[1]):
+for module, argv, env in plan:
     sys.argv = [f"bench/{module}.py", *argv]
     before = dict(os.environ)
     os.environ.update(env)

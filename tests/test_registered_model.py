@@ -21,8 +21,13 @@ from pipeline.registry import pyfunc
 
 ROOT = Path(__file__).resolve().parents[1]
 FACES = np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8)
+# The first line of each script below: a short-lived process needs no cycle collection while
+# MLflow and torch load (seconds of CPU; faceopt's own commands skip it too, see cli.startup).
+NO_GC = "import gc; gc.disable()\n"
 # Loads the version in a fresh interpreter and prints its probabilities and where its code came from.
-PREDICT = """
+PREDICT = (
+    NO_GC
+    + """
 import json, sys, mlflow, numpy as np
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model("models:/faces/1")
@@ -31,6 +36,7 @@ import pipeline
 print(json.dumps({"probs": out.filter(like=":").to_numpy().tolist(), "code": pipeline.__file__,
                   "cols": list(out.columns)}))
 """
+)
 
 
 def pip_sources() -> list[str]:
@@ -115,7 +121,7 @@ def test_requirements_name_every_package_the_model_code_imports(registered: Sett
     local = artifact(registered)
     # Which of the version's own modules run when MLflow loads it, asked of a fresh interpreter.
     script = (
-        "import json, sys, mlflow\n"
+        NO_GC + "import json, sys, mlflow\n"
         f"mlflow.pyfunc.load_model({str(local)!r})\n"
         "print(json.dumps([m for m in sys.modules if m.startswith('pipeline')]))"
     )
