@@ -51,11 +51,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=order)  # stable: each module's tests keep their order
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Collection imported torch, MLflow and the rest: collected once and frozen out of later
-    garbage collections, as every `faceopt` command does after its imports (cli.startup)."""
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session):
+    """Collection imports torch, MLflow and the rest: as every `faceopt` command loads its own
+    (cli.startup), without cycle collection, then collected once and frozen out of later ones."""
     with cli.startup():
-        pass
+        return (yield)
 
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
