@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import optuna
@@ -227,6 +229,33 @@ def test_evaluate_flags() -> None:
     args = cli.parser().parse_args(["evaluate", "--photos", "x", "--min-face", "0.2"])
     assert args.own == ("photos", "version", "surround", "context")
     assert cli._settings(args).min_face == 0.2
+
+
+def test_startup_loads_without_collection_then_collects_once_and_freezes() -> None:
+    """cli.startup, around a command's first imports: no cycle collection while they load, the
+    garbage made meanwhile collected at the end (not frozen for good), what lives frozen, the
+    collector on again; a second use in the same process changes nothing."""
+
+    class Node:
+        pass
+
+    gc.unfreeze()  # as in a process that has not started a command yet (conftest froze this one)
+    try:
+        with cli.startup():
+            assert not gc.isenabled()
+            node = Node()
+            node.cycle = node  # garbage only the cycle collector can free
+            garbage = weakref.ref(node)
+            del node
+            assert garbage() is not None
+        assert gc.isenabled() and garbage() is None
+        frozen = gc.get_freeze_count()
+        assert frozen > 100_000  # torch, MLflow and the rest, imported by now
+        with cli.startup():
+            assert gc.isenabled()
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.freeze()
 
 
 @pytest.mark.slow
