@@ -125,6 +125,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
+# Set once startup() has run in this process (gc.get_freeze_count() would say so, but it walks all
+# the frozen objects: a tenth of a second at each call).
+_started = False
+
+
 @contextmanager
 def startup() -> Iterator[None]:
     """Around a command's first imports. torch, MLflow and the rest leave some 450,000 objects
@@ -132,9 +137,11 @@ def startup() -> Iterator[None]:
     its full passes, while they load and as the process exits: about 2 s of the 7 s of CPU that
     importing a tune-worker's modules cost. They are collected once instead, then frozen out of
     later passes. Once per process (tests call main() again and again)."""
-    if gc.get_freeze_count():
+    global _started
+    if _started:
         yield
         return
+    _started = True
     gc.disable()
     try:
         yield

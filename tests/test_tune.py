@@ -231,7 +231,7 @@ def test_evaluate_flags() -> None:
     assert cli._settings(args).min_face == 0.2
 
 
-def test_startup_loads_without_collection_then_collects_once_and_freezes() -> None:
+def test_startup_loads_without_collection_then_collects_once_and_freezes(monkeypatch) -> None:
     """cli.startup, around a command's first imports: no cycle collection while they load, the
     garbage made meanwhile collected at the end (not frozen for good), what lives frozen, the
     collector on again; a second use in the same process changes nothing."""
@@ -239,7 +239,9 @@ def test_startup_loads_without_collection_then_collects_once_and_freezes() -> No
     class Node:
         pass
 
-    gc.unfreeze()  # as in a process that has not started a command yet (conftest froze this one)
+    # As in a process that has not started a command yet (conftest's startup froze this one).
+    monkeypatch.setattr(cli, "_started", False)
+    gc.unfreeze()
     try:
         with cli.startup():
             assert not gc.isenabled()
