@@ -352,9 +352,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """optuna-dashboard on the study storage: live history, importances, trials and notes."""
-    import optuna_dashboard
+    with startup():
+        import optuna_dashboard
 
-    from pipeline import storage
+        from pipeline import storage
 
     settings = _settings(args)
     store = storage.open_storage(
