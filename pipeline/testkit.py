@@ -61,19 +61,22 @@ def server_process(
         )
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{cmd[:4]} not ready in {timeout:.0f} s: {log.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
+        # One client for every poll: each new one loads the CA bundle (tens of ms of CPU that the
+        # starting server needs), though the URL is plain http.
+        with httpx.Client(timeout=2) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-3000:]}")
+                try:
+                    if client.get(ready_url).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{cmd[:4]} not ready in {timeout:.0f} s: {log.read_text()[-3000:]}"
+                    )
+                time.sleep(0.5)
         yield proc
     finally:
         with suppress(ProcessLookupError):
