@@ -199,6 +199,21 @@ class OwnedJournalStorage(_RecordsOwner, JournalStorage):
         return trial_id
 
 
+def fail_own_trials(study: optuna.Study) -> list[int]:
+    """Fail the study's RUNNING trials that this process owns, as its stage ends and it runs none
+    any more; their numbers. A Ctrl-C that lands after ask() made a trial and before its
+    objective started (where Optuna fails the trial itself) would otherwise leave it RUNNING
+    until a later run finds this process gone. Not retried: an interrupted trial did not crash."""
+    me = Owner.current()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial_owner(trial) == me:
+            with suppress(optuna.exceptions.UpdateFinishedTrialError):
+                if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    failed.append(trial.number)
+    return failed
+
+
 def fail_dead_trials(study: optuna.Study, on_failed: StaleCallback | None = None) -> list[int]:
     """Fail the study's RUNNING trials whose worker is dead (why_dead) and hand each to the
     storage's stale-trial callback (or `on_failed` where it has none), as Optuna's own stale

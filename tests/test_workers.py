@@ -191,13 +191,15 @@ def test_ctrl_c_closes_the_trial_and_the_next_run_resumes(
 
     study = watch("interrupt", slow.storage)
 
-    def a_trial_runs() -> bool:
+    def mid_training() -> bool:  # its MLflow run made, epochs done and several still to go
         now = study()
         running = now.get_trials(states=[TrialState.RUNNING]) if now else []
-        return any(t.user_attrs.get(RUN_ID_ATTR) for t in running)  # its MLflow run is made
+        return any(
+            t.user_attrs.get(RUN_ID_ATTR) and 0 < len(t.intermediate_values) < slow.epochs - 2
+            for t in running
+        )
 
-    wait_for(a_trial_runs, 120, "a running trial")
-    time.sleep(1)
+    wait_for(mid_training, 120, "a trial in training")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
@@ -427,3 +429,34 @@ def test_a_stage_closes_at_its_end_what_died_while_it_ran(settings: Settings) ->
     assert states == [TrialState.FAIL, TrialState.WAITING]  # failed and queued again
     tags = client.get_run(stage.run_id).data.tags
     assert tags["faceopt.pid"] == str(os.getpid()) and tags["optuna.study"] == settings.study
+
+
+def test_a_ctrl_c_before_the_objective_leaves_no_trial_running(settings: Settings) -> None:
+    """Ctrl-C after ask() made a trial and before its objective started (here while the sampler
+    prepares it): Optuna never sees that trial, which would stay RUNNING until a later run found
+    this process gone. The stage fails it as it ends, without queueing it again."""
+
+    class InterruptedSampler(optuna.samplers.RandomSampler):
+        def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if trial.number == 1:
+                raise KeyboardInterrupt
+
+    study = optuna.create_study(
+        study_name=settings.study,
+        storage=storage.open_storage(settings.storage, 10, 600),
+        sampler=InterruptedSampler(seed=0),
+        direction="maximize",
+    )
+    stage_run = tracking.stage_run(
+        settings.tracking_uri,
+        settings.study,
+        None,
+        {},
+        study=study,
+        artifact_root=settings.artifact_root,
+    )
+    with pytest.raises(KeyboardInterrupt), stage_run as stage:
+        study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert storage.trial_owner(study.trials[1]) == Owner.current()
+    assert stage.client.get_run(stage.run_id).info.status == "KILLED"

@@ -394,7 +394,8 @@ def stage_run(
     (made if missing) named `name` (else "<experiment>-<time>") with `tags`, the study's name,
     this process as its owner and a heartbeat it stamps every heartbeat_interval seconds while
     the block runs, and MLflow's system metrics every `system_metrics` seconds if given. When the
-    block ends it reconciles again (what died meanwhile is closed before this process exits),
+    block ends it fails the study's trials still RUNNING in this process (storage.fail_own_trials)
+    and reconciles again (what died meanwhile is closed before this process exits),
     calls on_end(run_id) (a summary), and ends the run FINISHED, KILLED on Ctrl-C or FAILED on
     an error. `run_id`: log on that existing run instead (made by someone who left it to this
     stage to end). `parent`: another process's run, under which this one logs trials: nothing is
@@ -408,8 +409,13 @@ def stage_run(
         with storage.init_lock(client.tracking_uri):  # workers started together create it once
             experiment_id = ensure_experiment(client, experiment, artifact_root)
 
-    def sweep() -> int:
+    def sweep(ending: bool = False) -> int:
         try:
+            if ending and (interrupted := storage.fail_own_trials(study)):
+                log.warning(
+                    "failed trials %s, still RUNNING in this process as its stage ended",
+                    interrupted,
+                )
             return reconcile(
                 client,
                 experiment_id,
@@ -427,7 +433,7 @@ def stage_run(
         try:
             yield Stage(client, experiment_id, parent, sweep)
         finally:
-            sweep()
+            sweep(ending=True)
         return
     if run_id is None:
         run_id = start_parent(client, experiment_id, study.study_name, tags, name)
@@ -441,7 +447,7 @@ def stage_run(
             with monitor:
                 yield Stage(client, experiment_id, run_id, sweep)
         finally:
-            sweep()
+            sweep(ending=True)
             if on_end is not None:
                 on_end(run_id)
 
