@@ -127,6 +127,7 @@ def test_each_thread_has_its_own_detector_that_finds_what_dlibs_own_finds() -> N
     assert found["a"][1:] == found["b"][1:] == ([str(b) for b in boxes], scores)
     assert len(boxes) == 2  # the face, and a weak patch of the spacesuit below the threshold
 
+
 def test_an_aligned_crop_is_cut_again_into_the_same_face() -> None:
     """Stability, on a crop made with the service's own detector, landmarks and padding: cut
     again, it comes back (nearly) unchanged. Parity with the dataset's own crops is the next test's."""
