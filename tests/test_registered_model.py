@@ -24,7 +24,8 @@ FACES = np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8)
 # The first line of each script below: a short-lived process needs no cycle collection while
 # MLflow and torch load (seconds of CPU; faceopt's own commands skip it too, see cli.startup).
 NO_GC = "import gc; gc.disable()\n"
-# Loads the version in a fresh interpreter and prints its probabilities and where its code came from.
+# Loads the version in a fresh interpreter and prints its probabilities, where its code came from
+# and which of its modules ran.
 PREDICT = (
     NO_GC
     + """
@@ -34,7 +35,8 @@ model = mlflow.pyfunc.load_model("models:/faces/1")
 out = model.predict(np.array(json.loads(sys.argv[2]), dtype=np.uint8))
 import pipeline
 print(json.dumps({"probs": out.filter(like=":").to_numpy().tolist(), "code": pipeline.__file__,
-                  "cols": list(out.columns)}))
+                  "cols": list(out.columns),
+                  "modules": [m for m in sys.modules if m.startswith("pipeline")]}))
 """
 )
 
@@ -86,24 +88,39 @@ def artifact(settings: Settings) -> Path:
     return Path(mlflow.artifacts.download_artifacts("models:/faces/1"))
 
 
-@pytest.mark.slow  # real processes: make test, not the edit loop
-def test_version_predicts_the_same_after_the_project_code_changes(
-    registered: Settings, tmp_path: Path
-) -> None:
-    before = expected(registered)
-    project = tmp_path / "project"
+@pytest.fixture(scope="module")
+def elsewhere(registered: Settings, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """What version 1 answers (PREDICT) where nothing of this checkout helps it: a virtual
+    environment with nothing but the version's requirements (installed by uv, as MLflow's own
+    env_manager="uv" does, from the sources this machine's pip uses), another folder, and first
+    on the path a copy of the project whose code has changed since: other normalisation, another
+    network. One process for the three tests below: each start costs seconds of imports."""
+    tmp = tmp_path_factory.mktemp("elsewhere")
+    env_dir = tmp / "env"
+    venv.create(env_dir, with_pip=False)
+    python = str(env_dir / "bin" / "python")
+    requirements = artifact(registered) / "requirements.txt"
+    uv = Path(sys.executable).parent / "uv"
+    install = subprocess.run(
+        [str(uv), "pip", "install", "-q", "--python", python, "-r", str(requirements)]
+        + pip_sources(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    project = tmp / "project"
     shutil.copytree(ROOT / "pipeline", project / "pipeline")
-    # Today's code changes: other normalisation, another network. A version must not follow them.
     preprocess = project / "pipeline" / "data" / "preprocess.py"
     preprocess.write_text(preprocess.read_text().replace("MEAN = 0.5", "MEAN = 0.9"))
     network = project / "pipeline" / "model" / "network.py"
     network.write_text(
         network.read_text() + "\n\ndef build(params, classes):\n    raise SystemExit(3)\n"
     )
+    folder = tmp / "folder"
+    folder.mkdir()
     env = {"PYTHONPATH": str(project), "PATH": "/usr/bin:/bin"}
-    result = predict_elsewhere(sys.executable, registered, project, env)
-    assert str(project) not in result["code"]  # the version's own copy of the code ran
-    np.testing.assert_allclose(np.array(result["probs"]), before, atol=1e-6)
+    return predict_elsewhere(python, registered, folder, env) | {"project": str(project)}
 
 
 def _imports(path: Path) -> set[str]:
@@ -117,19 +134,12 @@ def _imports(path: Path) -> set[str]:
 
 
 @pytest.mark.slow  # real processes: make test, not the edit loop
-def test_requirements_name_every_package_the_model_code_imports(registered: Settings) -> None:
+def test_requirements_name_every_package_the_model_code_imports(
+    registered: Settings, elsewhere: dict
+) -> None:
     local = artifact(registered)
-    # Which of the version's own modules run when MLflow loads it, asked of a fresh interpreter.
-    script = (
-        NO_GC + "import json, sys, mlflow\n"
-        f"mlflow.pyfunc.load_model({str(local)!r})\n"
-        "print(json.dumps([m for m in sys.modules if m.startswith('pipeline')]))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=local
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    loaded = [m for m in json.loads(done.stdout.strip().splitlines()[-1]) if "." in m]
+    loaded = [m for m in elsewhere["modules"] if "." in m]  # the version's own modules that ran
+    assert "pipeline.model.network" in loaded and "pipeline.registry.pyfunc" in loaded
     code = local / "code"
     files = [code.joinpath(*m.split(".")).with_suffix(".py") for m in loaded]
     files = [f if f.is_file() else f.with_suffix("") / "__init__.py" for f in files]
@@ -151,27 +161,18 @@ def test_requirements_name_every_package_the_model_code_imports(registered: Sett
 
 @pytest.mark.slow
 def test_fresh_environment_from_the_requirements_loads_and_predicts(
-    registered: Settings, tmp_path: Path
+    registered: Settings, elsewhere: dict
 ) -> None:
-    """A virtual environment with nothing but the version's requirements (installed by uv, as
-    MLflow's own env_manager="uv" does, from the sources this machine's pip uses) loads it by
-    models:/ URI from another folder and predicts."""
-    env_dir = tmp_path / "env"
-    venv.create(env_dir, with_pip=False)
-    python = str(env_dir / "bin" / "python")
-    requirements = artifact(registered) / "requirements.txt"
-    uv = Path(sys.executable).parent / "uv"
-    install = subprocess.run(
-        [str(uv), "pip", "install", "-q", "--python", python, "-r", str(requirements)]
-        + pip_sources(),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    result = predict_elsewhere(python, registered, elsewhere, {"PATH": "/usr/bin:/bin"})
-    np.testing.assert_allclose(np.array(result["probs"]), expected(registered), atol=1e-5)
-    assert result["cols"][:3] == ["age", "ethnicity", "gender"]
-    assert "age:0-3" in result["cols"] and "gender:female" in result["cols"]
+    """Loaded by models:/ URI with nothing installed but its requirements, it predicts as here."""
+    np.testing.assert_allclose(np.array(elsewhere["probs"]), expected(registered), atol=1e-5)
+    assert elsewhere["cols"][:3] == ["age", "ethnicity", "gender"]
+    assert "age:0-3" in elsewhere["cols"] and "gender:female" in elsewhere["cols"]
+
+
+@pytest.mark.slow
+def test_version_predicts_the_same_after_the_project_code_changes(
+    registered: Settings, elsewhere: dict
+) -> None:
+    """The changed project came first on the path, and its own copy of the code ran instead."""
+    assert elsewhere["code"] and not elsewhere["code"].startswith(elsewhere["project"])
+    np.testing.assert_allclose(np.array(elsewhere["probs"]), expected(registered), atol=1e-5)
