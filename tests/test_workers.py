@@ -128,19 +128,25 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
     b = start_worker(slow, 4, tmp_path / "b.log")
     study = watch("kill", slow.storage)
 
-    def running_of(pid: int) -> list[optuna.trial.FrozenTrial]:
+    training: list[optuna.trial.FrozenTrial] = []
+
+    def a_trains() -> bool:
+        """Worker A's trial, training with two epochs or more to go: killed as soon as seen, it
+        cannot have finished meanwhile."""
         now = study()
-        return [
+        training[:] = [
             t
             for t in (now.get_trials(states=[TrialState.RUNNING]) if now else [])
             # with its params: a trial runs (and is owned) before its sampler has spoken
-            if t.user_attrs.get("worker", "").endswith(f":{pid}") and t.params
+            if t.user_attrs.get("worker", "").endswith(f":{a.pid}")
+            and t.params
+            and len(t.intermediate_values) < slow.epochs - 1
         ]
+        return bool(training)
 
-    wait_for(lambda: running_of(a.pid), 120, "worker A to start a trial")
-    time.sleep(0.5)
-    (victim,) = running_of(a.pid)
+    wait_for(a_trains, 120, "worker A to start a trial")
     a.send_signal(signal.SIGKILL)
+    (victim,) = training
     a.wait()
     assert b.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
 
