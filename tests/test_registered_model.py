@@ -20,6 +20,8 @@ from pipeline.config import Settings
 from pipeline.registry import pyfunc
 
 ROOT = Path(__file__).resolve().parents[1]
+# One process answers for all three tests (`elsewhere`): they share one pytest-xdist process.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("registered_model")]
 FACES = np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8)
 # The first line of each script below: a short-lived process needs no cycle collection while
 # MLflow and torch load (seconds of CPU; faceopt's own commands skip it too, see cli.startup).
@@ -133,7 +135,6 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.slow  # real processes: make test, not the edit loop
 def test_requirements_name_every_package_the_model_code_imports(
     registered: Settings, elsewhere: dict
 ) -> None:
@@ -159,7 +160,6 @@ def test_requirements_name_every_package_the_model_code_imports(
         assert version == metadata.version(name).split("+")[0]  # the installed version
 
 
-@pytest.mark.slow
 def test_fresh_environment_from_the_requirements_loads_and_predicts(
     registered: Settings, elsewhere: dict
 ) -> None:
@@ -169,7 +169,6 @@ def test_fresh_environment_from_the_requirements_loads_and_predicts(
     assert "age:0-3" in elsewhere["cols"] and "gender:female" in elsewhere["cols"]
 
 
-@pytest.mark.slow
 def test_version_predicts_the_same_after_the_project_code_changes(
     registered: Settings, elsewhere: dict
 ) -> None:
