@@ -28,6 +28,11 @@ from pipeline.tuning import workers
 from pipeline.tuning.study import load_data
 from tests.conftest import free_port, server_process, synthetic_faces, write_csv
 
+# One unit of work for pytest-xdist, scheduled (as the largest) beside tests/test_bench.py: their
+# processes run while the other pytest-xdist process trains the session's registered model,
+# instead of both waiting for it. They need no trained model.
+pytestmark = pytest.mark.xdist_group("workers")
+
 
 def victim_owner(trial: optuna.trial.FrozenTrial) -> Owner:
     owner = storage.trial_owner(trial)
@@ -131,15 +136,14 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, settings: Set
     training: list[optuna.trial.FrozenTrial] = []
 
     def a_trains() -> bool:
-        """Worker A's trial, training with two epochs or more to go: killed as soon as seen, it
-        cannot have finished meanwhile."""
+        """Worker A's trial, sampled (its seed is set once its params are) and with two epochs or
+        more to go: killed as soon as seen, it cannot have finished meanwhile."""
         now = study()
         training[:] = [
             t
             for t in (now.get_trials(states=[TrialState.RUNNING]) if now else [])
-            # with its params: a trial runs (and is owned) before its sampler has spoken
             if t.user_attrs.get("worker", "").endswith(f":{a.pid}")
-            and t.params
+            and "seed" in t.user_attrs
             and len(t.intermediate_values) < slow.epochs - 1
         ]
         return bool(training)
