@@ -205,13 +205,18 @@ def fail_own_trials(study: optuna.Study) -> list[int]:
     objective started (where Optuna fails the trial itself) would otherwise leave it RUNNING
     until a later run finds this process gone. Not retried: an interrupted trial did not crash."""
     me = Owner.current()
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial_owner(trial) == me:
-            with suppress(optuna.exceptions.UpdateFinishedTrialError):
-                if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                    failed.append(trial.number)
-    return failed
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [
+        t.number for t in running if trial_owner(t) == me and _fail(study._storage, t._trial_id)
+    ]
+
+
+def _fail(store: BaseStorage, trial_id: int) -> bool:
+    """Set the trial FAIL; False when another process finished it first."""
+    try:
+        return store.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 def fail_dead_trials(study: optuna.Study, on_failed: StaleCallback | None = None) -> list[int]:
@@ -231,10 +236,7 @@ def fail_dead_trials(study: optuna.Study, on_failed: StaleCallback | None = None
     callback = getter() or on_failed
     failed = []
     for trial_id in dead_ids:
-        try:
-            if not store.set_trial_state_values(trial_id, TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it first
+        if not _fail(store, trial_id):  # another process failed it first
             continue
         trial = copy.deepcopy(store.get_trial(trial_id))
         failed.append(trial.number)

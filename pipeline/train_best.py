@@ -16,10 +16,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
-
-# torch.optim imports its compiler when it makes the first optimizer: 1.4 s of CPU in a process
-# that trains, 0.8 s here, where a command loads its imports without cycle collection (cli.startup).
-import torch._dynamo  # noqa: F401
+import torch._dynamo  # noqa: F401  with the command's imports: see pipeline/tune.py
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
