@@ -18,6 +18,7 @@ from pipeline.model import network, space
 from pipeline.registry import package
 from pipeline.tracking import runs
 from pipeline.training import calibrate, train
+from tests.conftest import copy_sqlite, empty_mlflow_store
 
 EDGES = (0, 3, 18, 45, 64, 116)
 CLASSES = labels.num_classes(EDGES)
@@ -160,6 +161,7 @@ def test_bf16_trained_weights_are_served_in_fp32_with_the_training_evaluation(
     bf16_logits = train.predict_logits(net, x, bf16)
     temperatures = {"age": 1.5, "ethnicity": 1.0, "gender": 0.8}
 
+    copy_sqlite(empty_mlflow_store(), tmp_path / "mlflow.db")  # MLflow's migrations run once
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = runs.client_for(uri)
     experiment = runs.ensure_experiment(client, "precision", tmp_path / "mlruns")
