@@ -588,6 +588,14 @@ def register(
     """Log the network as a pyfunc version of the registered model, with its lineage and test
     figures as tags and in its description; the new version's number."""
     name = job.settings.model_name
+    tags = {
+        **scores,
+        "optuna.study": job.study.study_name,
+        "optuna.best_trial": job.best.number,
+        "faceopt.best_trial_run_id": job.best.user_attrs.get(runs.RUN_ID_ATTR, ""),
+        "data.fingerprint": job.faces.fingerprint,
+        "split.digest": job.split.digest(),
+    }
     version = package.log_and_register(
         job.settings.tracking_uri,
         run_id,
@@ -599,15 +607,7 @@ def register(
         job.precision.name,
         trained.flip,
         job.spec,
+        {tag: str(value) for tag, value in tags.items()},
     ).version
-    for tag, value in {
-        **scores,
-        "optuna.study": job.study.study_name,
-        "optuna.best_trial": job.best.number,
-        "faceopt.best_trial_run_id": job.best.user_attrs.get(runs.RUN_ID_ATTR, ""),
-        "data.fingerprint": job.faces.fingerprint,
-        "split.digest": job.split.digest(),
-    }.items():
-        client.set_model_version_tag(name, version, tag, str(value))
     describe(client, name, version, run_id, job.edges, scores, job.spec)
     return str(version)

@@ -25,10 +25,12 @@ def log_and_register(
     precision: str = "fp32",
     flip_average: bool = False,
     spec: InputSpec = SEED_FORM,
+    tags: dict[str, str] | None = None,
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Log the pyfunc (weights, params, labels, temperatures, preprocessing) on run `run_id` and
-    register it. The one place faceopt uses MLflow's fluent API: model logging has no client
-    form, so the run is made active here, for this call only."""
+    register it, `tags` on the new version as it is made (one write, not one per tag). The one
+    place faceopt uses MLflow's fluent API: model logging has no client form, so the run is made
+    active here, for this call only."""
     import pipeline
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -58,4 +60,4 @@ def log_and_register(
                 input_example=pyfunc.example(spec),
                 pip_requirements=pyfunc.requirements(),
             )
-    return mlflow.register_model(info.model_uri, name)
+    return mlflow.register_model(info.model_uri, name, tags=tags)
