@@ -53,6 +53,10 @@ def tuned(tuned_once: Settings, tmp_path: Path) -> Settings:
 
 @pytest.mark.slow  # real processes: make test, not the edit loop
 def test_champion_then_challenger_with_lineage_and_evaluation(tuned: Settings, monkeypatch) -> None:
+    def tagged_later(*args, **kwargs):
+        raise AssertionError("a version must be made with its tags, not tagged afterwards")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", tagged_later)
     first = train_best.run(tuned)
     assert (first.version, first.alias) == ("1", "champion")
     client = MlflowClient(tuned.tracking_uri)
