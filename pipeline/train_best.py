@@ -67,8 +67,10 @@ def for_study(settings: Settings) -> Settings:
         updates["data"] = Path(attrs["data"])
     preset = attrs.get("preset")
     if "preset" not in given and preset in typing.get_args(PresetName):
+        # The seed preset (the original experiment) sets no train-best budgets: the defaults hold.
         brought = preset_values(preset, updates.get("data", settings.data))
-        updates |= {k: brought[k] for k in ("train_epochs", "patience") if k not in given}
+        budgets = {k: v for k, v in brought.items() if k in ("train_epochs", "patience")}
+        updates |= {k: v for k, v in budgets.items() if k not in given}
     if updates != {"study": settings.study}:
         log.info("train-best: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
     return settings.model_copy(update=updates)

@@ -276,6 +276,19 @@ def test_train_best_after_tune_needs_no_settings_repeated(
     assert result.alias == "champion" and result.epochs == [2]
 
 
+def test_train_best_after_the_seed_preset_keeps_its_own_budgets(settings: Settings) -> None:
+    """`make tune PRESET=seed && make train-best`: the original experiment's preset brings no
+    train-best epochs or patience, so the defaults (or what is given) hold."""
+    study = optuna.create_study(storage=settings.storage, study_name="faceopt-seed")
+    study.set_user_attr("preset", "seed")
+    bare = Settings(storage=settings.storage, tracking_uri=settings.tracking_uri)
+    chosen = train_best.for_study(bare)
+    assert chosen.study == "faceopt-seed"
+    assert (chosen.train_epochs, chosen.patience) == (bare.train_epochs, bare.patience)
+    given = bare.model_copy(update={"train_epochs": 3})
+    assert train_best.for_study(given).train_epochs == 3
+
+
 @pytest.mark.slow
 def test_train_best_lists_the_studies_when_the_choice_is_not_clear(
     settings: Settings, tmp_path: Path
