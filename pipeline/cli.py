@@ -193,9 +193,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     with startup():
-        from pipeline import tune
+        from pipeline import storage, tune
 
     settings = _settings(args)
+    study = storage.choose_study(
+        settings.storage,
+        settings.study,
+        "study" in settings.model_fields_set,
+        settings.heartbeat_interval,
+        settings.grace_period,
+        "make report",
+    )
+    settings = settings.model_copy(update={"study": study})
     run_id = tune.report_run(settings, args.run_id)
     print(f"plots and summary of study {settings.study!r} logged to run {run_id}")
     return 0

@@ -23,6 +23,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from pipeline.errors import FaceoptError
+
 log = logging.getLogger(__name__)
 
 SQLITE = "sqlite:///"
@@ -338,7 +340,7 @@ def load_study(
 
 @dataclass(frozen=True)
 class StudyInfo:
-    """One study of a storage, as `train-best` chooses among them."""
+    """One study of a storage, as `choose_study` sees it."""
 
     name: str
     trials: int
@@ -368,6 +370,54 @@ def studies(url: str, heartbeat_interval: int, grace_period: int) -> list[StudyI
             )
         )
     return sorted(found, key=lambda s: s.last_start or datetime.min, reverse=True)
+
+
+class StudyChoiceError(FaceoptError, ValueError):
+    """No study by that name in the storage, or no clear choice of one."""
+
+
+def choose_study(
+    url: str, name: str, named: bool, heartbeat_interval: int, grace_period: int, command: str
+) -> str:
+    """The study `command` (`make train-best`, `make report`) works on: `name` when the user
+    named it, else the one tuned last in the storage (the study whose newest trial started
+    last), so that it follows `make tune` without repeating its settings. Refused, with every
+    study and the command for each, when that is not the one a user means: several studies are
+    being tuned right now, or the last one has no completed trial while another has."""
+    found = [] if named else studies(url, heartbeat_interval, grace_period)
+    if not found:
+        return name
+    latest = found[0]
+    busy = [s.name for s in found if s.running]
+    if len(busy) > 1:
+        why = f"studies {busy} are being tuned right now"
+    elif not latest.complete and any(s.complete for s in found[1:]):
+        why = f"the study tuned last, {latest.name!r}, has no completed trial yet"
+    else:
+        log.info(
+            "%s: study %r, the one tuned last in %s (STUDY=... to choose another)",
+            command,
+            latest.name,
+            redact(url),
+        )
+        return latest.name
+    lines = [f"which study to use is not clear: {why}. The studies in {redact(url)}:"]
+    for s in found:
+        best = f"best {s.best:.4f}" if s.best is not None else "no completed trial"
+        started = f"{s.last_start:%Y-%m-%d %H:%M}" if s.last_start else "never"
+        lines.append(
+            f"  {s.name}: {s.trials} trials ({s.running} running), {best}, last trial started "
+            f"{started}: {command} STUDY={s.name}"
+        )
+    raise StudyChoiceError("\n".join(lines))
+
+
+def missing_study(url: str, name: str) -> StudyChoiceError:
+    """What a command says when study `name` is not in the storage."""
+    return StudyChoiceError(
+        f"no study {name!r} in {redact(url)}: run `make tune` first (or pass STUDY=... and "
+        "STORAGE=... of an existing study)"
+    )
 
 
 def retry_stale(max_retry: int, before: StaleCallback | None = None) -> StaleCallback:

@@ -40,22 +40,19 @@ class TrainBestError(FaceoptError, ValueError):
 
 
 def for_study(settings: Settings) -> Settings:
-    """The settings to retrain with. Without STUDY, the study tuned last in the storage; then
-    without DATA or PRESET, the ones that study was tuned with (the preset brings its train-best
-    epochs and patience), so `make tune ... && make train-best` retrains what was just tuned."""
+    """The settings to retrain with. Without STUDY, the study tuned last in the storage
+    (storage.choose_study); then without DATA or PRESET, the ones that study was tuned with (the
+    preset brings its train-best epochs and patience), so `make tune ... && make train-best`
+    retrains what was just tuned."""
     given = settings.model_fields_set
-    name = settings.study
-    if "study" not in given:
-        found = storage.studies(
-            settings.storage, settings.heartbeat_interval, settings.grace_period
-        )
-        if found:
-            name = tuned_last(found, settings.storage)
-            log.info(
-                "train-best: study %r, the one tuned last in %s (STUDY=... to choose another)",
-                name,
-                storage.redact(settings.storage),
-            )
+    name = storage.choose_study(
+        settings.storage,
+        settings.study,
+        "study" in given,
+        settings.heartbeat_interval,
+        settings.grace_period,
+        "make train-best",
+    )
     try:
         attrs = storage.load_study(
             settings.storage, name, settings.heartbeat_interval, settings.grace_period
@@ -76,29 +73,6 @@ def for_study(settings: Settings) -> Settings:
     return settings.model_copy(update=updates)
 
 
-def tuned_last(found: list[storage.StudyInfo], url: str) -> str:
-    """The study whose newest trial started last; refused, with every study and the command
-    that retrains it, when that is not the one a user means: several studies are being tuned
-    right now, or the last one has no completed trial while another has."""
-    latest = found[0]
-    busy = [s.name for s in found if s.running]
-    if len(busy) > 1:
-        why = f"studies {busy} are being tuned right now"
-    elif not latest.complete and any(s.complete for s in found[1:]):
-        why = f"the study tuned last, {latest.name!r}, has no completed trial yet"
-    else:
-        return latest.name
-    lines = [f"which study to retrain is not clear: {why}. The studies in {storage.redact(url)}:"]
-    for s in found:
-        best = f"best {s.best:.4f}" if s.best is not None else "no completed trial"
-        started = f"{s.last_start:%Y-%m-%d %H:%M}" if s.last_start else "never"
-        lines.append(
-            f"  {s.name}: {s.trials} trials ({s.running} running), {best}, last trial started "
-            f"{started}: make train-best STUDY={s.name}"
-        )
-    raise TrainBestError("\n".join(lines))
-
-
 def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTrial, dict]:
     """The study, its best trial and that trial's params rebuilt through space.suggest."""
     try:
@@ -106,10 +80,7 @@ def load_best(settings: Settings) -> tuple[optuna.Study, optuna.trial.FrozenTria
             settings.storage, settings.study, settings.heartbeat_interval, settings.grace_period
         )
     except KeyError as e:
-        raise TrainBestError(
-            f"no study {settings.study!r} in {storage.redact(settings.storage)}: run `make tune` first "
-            "(or pass STUDY=... and STORAGE=... of an existing study)"
-        ) from e
+        raise storage.missing_study(settings.storage, settings.study) from e
     complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
     if not complete:
         raise TrainBestError(

@@ -280,9 +280,12 @@ def _log_setup(
 
 def report_run(settings: Settings, run_id: str | None = None) -> str:
     """Plots and summary of the whole study, on `run_id` or on a new run in its experiment."""
-    study = storage.load_study(
-        settings.storage, settings.study, settings.heartbeat_interval, settings.grace_period
-    )
+    try:
+        study = storage.load_study(
+            settings.storage, settings.study, settings.heartbeat_interval, settings.grace_period
+        )
+    except KeyError as e:
+        raise storage.missing_study(settings.storage, settings.study) from e
     with runs.stage_run(
         settings.tracking_uri,
         settings.study,

@@ -9,7 +9,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli, train_best, tune
+from pipeline import cli, storage, train_best, tune
 from pipeline.config import Settings
 from pipeline.data.inputs import SEED_FORM
 from pipeline.registry import champion
@@ -159,7 +159,7 @@ def test_an_ensembles_first_member_is_the_trial_and_the_version_carries_every_me
 
 
 def test_study_without_completed_trial_is_a_clear_error(settings: Settings, capsys) -> None:
-    with pytest.raises(train_best.TrainBestError, match="no study 'test-study'"):
+    with pytest.raises(storage.StudyChoiceError, match="no study 'test-study'"):
         train_best.run(settings)
     code = cli.main(["train-best", "--study", "nothing", "--storage", settings.storage])
     assert code == 2 and "run `make tune` first" in capsys.readouterr().err
@@ -299,7 +299,7 @@ def test_train_best_lists_the_studies_when_the_choice_is_not_clear(
     started = optuna.create_study(storage=settings.storage, study_name="just-started")
     started.ask()  # a trial running, none complete
     bare = Settings(storage=settings.storage, tracking_uri=settings.tracking_uri)
-    with pytest.raises(train_best.TrainBestError) as refused:
+    with pytest.raises(storage.StudyChoiceError) as refused:
         train_best.for_study(bare)
     message = str(refused.value)
     assert "'just-started', has no completed trial yet" in message

@@ -261,6 +261,21 @@ def test_startup_loads_without_collection_then_collects_once_and_freezes(monkeyp
 
 
 @pytest.mark.slow
+def test_report_follows_the_study_tuned_last_and_names_a_missing_one(
+    settings: Settings, capsys
+) -> None:
+    """`make tune PRESET=cpu && make report`: without STUDY, report works on the study tuned
+    last (here not the default name); a named study that is not there is a message, not a
+    traceback."""
+    tune.run(settings.model_copy(update={"study": "tuned-last", "n_trials": 1}))
+    flags = ["--storage", settings.storage, "--tracking-uri", settings.tracking_uri]
+    assert cli.main(["report", *flags]) == 0
+    assert "plots and summary of study 'tuned-last' logged to run" in capsys.readouterr().out
+    assert cli.main(["report", *flags, "--study", "nothing"]) == 2
+    assert "faceopt report: no study 'nothing' in sqlite:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_dashboard_serves_the_study(settings: Settings, tmp_path: Path) -> None:
     """`faceopt dashboard` as a real process on a tuned study: its API lists the study and trials."""
     import httpx
