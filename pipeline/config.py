@@ -290,8 +290,11 @@ class Settings(BaseSettings):
         if isinstance(values, dict) and values.get("preset"):
             data = values.get("data", cls.model_fields["data"].default)
             found = preset_values(values["preset"], data)
-            if values.get("space", found["space"]) != found["space"]:
-                found.pop("enqueue", None)  # its known good points are of the preset's space
+            # Its known good points are of the preset's space and features: another of either
+            # keeps the preset's budgets, not its points (they may not even be points of it).
+            preset = {k: found.get(k, cls.model_fields[k].default) for k in ("space", "features")}
+            if any(values.get(k, v) != v for k, v in preset.items()):
+                found.pop("enqueue", None)
             return found | values
         return values
 

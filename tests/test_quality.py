@@ -166,8 +166,12 @@ def test_auto_is_the_devices_preset_from_its_known_good_points(monkeypatch, tmp_
         "cpu-folder.json",
     )
     assert len(read_enqueue(folder.enqueue, folder.space, folder.features)) == folder.n_trials
-    # Another space than the preset's keeps the preset's budgets but not its points.
+    # Another space or features than the preset's keep the preset's budgets but not its points
+    # (`make tune DATA=folder FEATURES=both`: the descriptor-only point is not one of that).
     assert Settings(preset="cpu", space="mlp").enqueue is None
+    assert Settings(preset="auto", data=tmp_path, features="both").enqueue is None
+    assert Settings(preset="auto", data=tmp_path, features="search").enqueue == folder.enqueue
+    assert Settings(preset="auto", features="pixels").enqueue == auto.enqueue
     monkeypatch.setattr(config, "device_preset", lambda: "gpu")
     assert Settings(preset="auto").model_dump(include={"study", "n_trials"}) == {
         "study": "faceopt-gpu",
