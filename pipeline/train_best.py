@@ -66,8 +66,8 @@ def for_study(settings: Settings) -> Settings:
     if "preset" not in given and preset in typing.get_args(PresetName):
         # The seed preset (the original experiment) sets no train-best budgets: the defaults hold.
         brought = preset_values(preset, updates.get("data", settings.data))
-        budgets = {k: v for k, v in brought.items() if k in ("train_epochs", "patience")}
-        updates |= {k: v for k, v in budgets.items() if k not in given}
+        budgets = ("train_epochs", "patience")
+        updates |= {k: v for k, v in brought.items() if k in budgets and k not in given}
     if updates != {"study": settings.study}:
         log.info("train-best: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
     return settings.model_copy(update=updates)
