@@ -19,6 +19,7 @@ import torch
 
 from bench import save
 from pipeline.data import descriptor
+from pipeline.testkit import machine
 
 # dlib's own 128-D descriptor computed by the port: the same work as dlib's (compute's default,
 # "dlib-stages", is 832-D and runs the network on each chip's mirror image too).
@@ -58,7 +59,7 @@ def main() -> None:
         rows.append((len(part), median["dlib"], median["torch"], median["dlib"] / median["torch"]))
     lines = [
         f"# Face descriptor: dlib-bin against its torch port, {len(chips)} chips of {args.chips}, "
-        f"one thread, {time.strftime('%Y-%m-%d')}",
+        f"one thread of {machine()}, {time.strftime('%Y-%m-%d')}",
         "",
         "| faces per call | dlib ms/face | torch ms/face | dlib / torch |",
         "| --- | --- | --- | --- |",

@@ -36,6 +36,7 @@ from bench import save
 from pipeline.config import Settings
 from pipeline.data import dataset, labels
 from pipeline.model import network
+from pipeline.testkit import machine
 from pipeline.tracking import runs
 from pipeline.training import train
 from pipeline.tuning.objective import make_objective
@@ -472,7 +473,7 @@ def main() -> None:
         )
     table = "\n".join(
         [
-            f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
+            f"{machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
             f"{time.time() - started:.0f} s in all",
             "",
             "| benchmark | median (min, max) | against the baseline |",

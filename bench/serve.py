@@ -29,7 +29,7 @@ from pipeline import evaluate
 from pipeline.config import Settings
 from pipeline.data import dataset, faces, labels
 from pipeline.storage import redact
-from pipeline.testkit import free_port, server_process
+from pipeline.testkit import free_port, machine, server_process
 
 
 def raw_request(request: httpx.Request) -> bytes:
@@ -202,7 +202,7 @@ def main() -> None:
 def report(rows: list, levels: list[int], served: list[dict], model_uri: str) -> str:
     """The markdown tables of the measurements."""
     lines = [
-        f"model: {model_uri}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}",
+        f"model: {model_uri}, {machine()}, {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         "| server | concurrency | requests/s | p50 ms | p99 ms |",
         "| --- | --- | --- | --- | --- |",

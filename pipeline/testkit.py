@@ -1,9 +1,10 @@
 """What tests, benchmarks and the docs' screenshot script share: synthetic faces, a free port, a
-server process."""
+server process, the machine's name."""
 
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -14,6 +15,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+
+def machine(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The processor and the core count, as benchmark results and `make test`'s header name them
+    ("AMD EPYC (family 26 model 2), 2 cores"): times compare only on one processor. The first
+    processor's entry of Linux's cpuinfo; elsewhere, what the platform says."""
+    try:
+        first = Path(cpuinfo).read_text().split("\n\n")[0]
+    except OSError:
+        first = ""
+    fields: dict[str, str] = {}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return f"{name}, {os.cpu_count()} cores"
+
 
 _DIGITS = [str(v) for v in range(256)]  # a pixel's text: 5x faster than str() of numpy's uint8
 

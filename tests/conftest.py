@@ -23,7 +23,7 @@ from pipeline import cli
 from pipeline.config import Settings
 
 # Shared with bench/ and docs/ (pipeline/testkit.py); the tests import them from here.
-from pipeline.testkit import free_port, server_process, synthetic_faces  # noqa: F401
+from pipeline.testkit import free_port, machine, server_process, synthetic_faces  # noqa: F401
 
 # Under pytest-xdist every worker trains networks: share the cores instead of each worker (and
 # each process it starts) taking all of them. Set before torch is first imported.
@@ -32,6 +32,11 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 # Fixtures that tune and register a model first: seconds before the test itself starts.
 TRAINED = {"registered", "tuned"}
+
+
+def pytest_report_header() -> str:
+    """The processor a run's times belong to: they compare with another run's only on the same."""
+    return f"machine: {machine()}"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by the markers added here

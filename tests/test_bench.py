@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Settings
-from tests.conftest import astronaut_photos, synthetic_faces, write_csv
+from tests.conftest import astronaut_photos, machine, synthetic_faces, write_csv
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -139,6 +139,7 @@ def printed(benches: dict[str, dict[str, str]], module: str) -> str:
 
 
 def test_run_bench_runs_every_section(benches: dict) -> None:
+    assert printed(benches, "run").startswith(f"{machine()}, torch ")  # whose times they are
     found = labels(printed(benches, "run"))
     expected = [
         "data load: first",
@@ -167,6 +168,7 @@ def test_run_bench_runs_every_section(benches: dict) -> None:
 
 def test_serve_bench_against_mlflow_models_serve(benches: dict) -> None:
     out = printed(benches, "serve")
+    assert f", {machine()}, " in out.splitlines()[0]
     found = labels(out)
     assert found[:4] == ["faceopt /predict (JPEG)"] * 2 + ["mlflow models serve (48x48 JSON)"] * 2
     assert found[4:] == ["1", "2"]  # the faceopt / mlflow ratio per concurrency
@@ -201,6 +203,7 @@ def test_chips_bench(benches: dict) -> None:
 def test_descriptor_bench(benches: dict) -> None:
     out = printed(benches, "descriptor")
     assert labels(out) == ["1", "3"]  # faces per call: one, and all three in one batch
+    assert f"one thread of {machine()}, " in out
     assert "Euclidean distance between the two descriptors" in out
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.testkit import machine
 
 GROUPED = """
 import os
@@ -51,3 +54,45 @@ def test_an_xdist_group_runs_in_one_process(pytestconfig: pytest.Config, tmp_pat
     assert done.returncode == 0, done.stdout[-3000:]
     workers = [path.read_text() for path in ran.iterdir()]
     assert len(workers) == 6 and len(set(workers)) == 1, workers
+
+
+# /proc/cpuinfo's first entries: an Intel and an AMD x86 processor, and an Arm one, which names no
+# model. Each file holds two processors, as a real one does.
+XEON = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 167
+model name\t: Intel(R) Xeon(R) Processor @ 2.90GHz
+flags\t\t: fpu avx512_bf16 amx_bf16
+"""
+EPYC = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu avx512_bf16
+"""
+ARM = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd bf16
+CPU implementer\t: 0x41
+CPU part\t: 0xd40
+"""
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "name"),
+    [
+        (XEON, "Intel(R) Xeon(R) Processor @ 2.90GHz (family 6 model 167)"),
+        (EPYC, "AMD EPYC (family 26 model 2)"),
+        (ARM, None),
+        ("", None),  # no cpuinfo (not Linux)
+    ],
+)
+def test_the_machine_names_its_processor(tmp_path: Path, cpuinfo: str, name: str | None) -> None:
+    """What the benchmarks' results and `make test`'s header say a run's times belong to."""
+    path = tmp_path / "cpuinfo"
+    if cpuinfo:
+        path.write_text(cpuinfo + "\n" + cpuinfo.replace("processor\t: 0", "processor\t: 1"))
+    name = name or platform.processor() or platform.machine()
+    assert machine(path) == f"{name}, {os.cpu_count()} cores"
