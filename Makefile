@@ -28,13 +28,13 @@ TUNE_PRESET = $(if $(PRESET),,--preset auto)
 ALL_SAMPLERS := random,tpe,skopt,gp
 
 .DEFAULT_GOAL := help
-.PHONY: help settings setup data bench-peers tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast test-peers lint bench bench-serve bench-abuse
+.PHONY: help settings setup data bench-peers tune tune-worker compare-samplers compare-samplers-quick report mlflow-server train-best evaluate serve dashboard ui test test-fast test-peers lint bench bench-serve bench-abuse bench-suite
 
 help: ## list targets and the variables they take
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
 	@echo "variables (settings; each also FACEOPT_<NAME> in the environment):"
 	@sed -n 's/^#: /  /p' settings.mk
-	@echo "  and, per target: PHOTOS VERSION CONTEXT SURROUND PROMOTE SAMPLERS SEEDS PREFIX BASELINE TORCH"
+	@echo "  and, per target: PHOTOS VERSION CONTEXT SURROUND PROMOTE SAMPLERS SEEDS PREFIX BASELINE RUNS TORCH"
 
 settings: setup ## regenerate settings.mk from pipeline/config.py (after adding a setting)
 	$(FACEOPT) make-settings > settings.mk
@@ -121,6 +121,9 @@ $(PEERS_VENV)/bin/.installed: pyproject.toml
 	$(PEERS_VENV)/bin/pip install -q "$(TORCH)"
 	$(PEERS_VENV)/bin/pip install -q -e ".[dev,peers]"
 	touch $@
+
+bench-suite: setup ## `make test` here beside a baseline commit's, interleaved in fresh clones: the ratio (BASELINE=<commit> RUNS=3)
+	$(BIN)/python -m bench.suite $(call flag,BASELINE,baseline) $(call flag,RUNS,runs)
 
 bench-serve: setup ## our service vs `mlflow models serve` of the champion: requests/s, p50/p99, accuracy (BASELINE=<tracking URI>)
 	$(BIN)/python -m bench.serve $(call flag,BASELINE,baseline)

@@ -58,7 +58,7 @@ def labels(text: str) -> list[str]:
 
 # Every bench by its own `__main__`, with its own argv and environment, one after another in one
 # process: each is seconds of work after seconds of imports (torch and its compiler, MLflow,
-# dlib's models), which a process per bench would pay eight times. A bench that fails has its
+# dlib's models), which a process per bench would pay nine times. A bench that fails has its
 # traceback in its place.
 RUN_EACH = """
 import contextlib, importlib, io, json, os, runpy, sys, traceback
@@ -106,6 +106,12 @@ def benches(registered: Settings, tmp_path_factory) -> dict[str, dict[str, str]]
     # that the slow body is refused in 2 s, not 30); nothing settles.
     abuse = ["--concurrency", 1, "--settle", 0, "--bomb-side", 1000, "--header-mib", 1]
     abuse += ["--logs", tmp / "logs"]
+    # `make bench-suite`: two clones of a one-commit repository made here (a CI checkout may have
+    # no history), a setup that does nothing, and a command that prints a pytest summary.
+    repo = one_commit_repo(tmp / "repo")
+    summary = f"{sys.executable} -c \"print('=== 3 passed in 0.50s ===')\""
+    suite = ["--repo", repo, "--baseline", "HEAD", "--runs", 2, "--setup", "true"]
+    suite += ["--command", summary]
     model = stores(registered)
     limits = {"FACEOPT_MAX_FILES": "2", "FACEOPT_BODY_TIMEOUT": "2"}
     each = [
@@ -117,6 +123,7 @@ def benches(registered: Settings, tmp_path_factory) -> dict[str, dict[str, str]]
         ("descriptor", ["--chips", photos, "--repeats", 1], model),
         ("versions", ["--photos", photos, "champion", 1], model),  # the champion against itself
         ("views", ["--version", "champion"], model),
+        ("suite", suite, {}),
     ]
     argv = [[module, [*map(str, args), "--no-save"], env] for module, args, env in each]
     before = sorted(RESULTS.rglob("*"))
@@ -130,6 +137,16 @@ def benches(registered: Settings, tmp_path_factory) -> dict[str, dict[str, str]]
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(RESULTS.rglob("*")) == before, "a smoke run wrote into bench/results/"
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def one_commit_repo(folder: Path) -> Path:
+    """A git repository with one commit of one file."""
+    folder.mkdir()
+    (folder / "README.md").write_text("a suite\n")
+    for args in (["init", "-q"], ["add", "README.md"], ["commit", "-q", "-m", "one"]):
+        git = ["git", "-c", "user.name=faceopt", "-c", "user.email=faceopt@localhost"]
+        subprocess.run([*git, *args], cwd=folder, check=True, capture_output=True)
+    return folder
 
 
 def printed(benches: dict[str, dict[str, str]], module: str) -> str:
@@ -218,3 +235,15 @@ def test_views_bench(benches: dict) -> None:
     sets = ["plain", "+ mirror", "+ mirror, 4 shifts", "+ mirror, zoom 1.08 and 0.92"]
     assert [row[:2] for row in rows(out)] == [[s, v] for s in ("val", "test") for v in sets]
     assert all(NUMBER.search(row[2]) for row in rows(out))
+
+
+def test_suite_bench_times_both_clones(benches: dict) -> None:
+    out = printed(benches, "suite")
+    assert out.startswith("# `") and out.splitlines()[0].endswith(machine())
+    found = rows(out)
+    named = [re.fullmatch(r"(baseline|current): ([0-9a-f]{7}) \(HEAD\)", row[0]) for row in found]
+    assert [m and m[1] for m in named] == ["baseline", "current"], found
+    assert named[0][2] == named[1][2]  # both the repository's one commit
+    for row in found:
+        assert row[1:3] == ["3 passed", "0.5, 0.5"], row  # pytest's own summary, each run
+    assert "Ratio of the medians, current / baseline: 1.00 (run by run 1.00)" in out
