@@ -64,11 +64,10 @@ class Side:
         )
 
 
-def git(*args: str, cwd: Path) -> str:
+def git(*args: str, cwd: Path) -> None:
     done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"git {' '.join(args)} failed in {cwd}: {done.stderr.strip()}")
-    return done.stdout.strip()
 
 
 def resolve(repo: Path, ref: str) -> str:
@@ -186,11 +185,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"--runs {args.runs}: expected 1 or more")
+    args.repo = args.repo.resolve()  # git clone runs in it: a relative path would not hold
     if not (args.repo / ".git").exists():
         parser.error(f"--repo {args.repo}: expected a git repository (a folder with .git)")
     commits = resolve(args.repo, args.baseline), resolve(args.repo, args.current)
     work = Path(tempfile.mkdtemp(prefix="faceopt-suite-"))
-    shared = args.repo.resolve().parent / "shared"
+    shared = args.repo.parent / "shared"
     if shared.is_dir():  # the clones' ../shared, as beside this checkout
         (work / "shared").symlink_to(shared)
     logs = work / "logs"
