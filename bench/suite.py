@@ -134,12 +134,12 @@ def measure(side: Side, command: list[str], logs: Path, index: int) -> None:
 
 
 def span(values: list[float], digits: int = 0) -> str:
-    """ "low–high", or one number when they print the same."""
+    """low–high, or one number when both ends print the same."""
     low, high = (f"{v:.{digits}f}" for v in (min(values), max(values)))
     return low if low == high else f"{low}–{high}"
 
 
-def report(sides: list[Side], command: str, loops: list[float]) -> str:
+def report(sides: list[Side], command: str, loops: list[float], logs: Path) -> str:
     baseline, current = sides
     lines = [
         f"# `{command}` beside the suite as of {baseline.commit[:7]}, "
@@ -165,7 +165,7 @@ def report(sides: list[Side], command: str, loops: list[float]) -> str:
     ]
     failed = sum(side.failed for side in sides)
     if failed:
-        lines.append(f"{failed} run(s) exited with an error: their logs are named above.")
+        lines.append(f"{failed} run(s) exited with an error: their logs are kept in {logs}.")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +219,7 @@ def main() -> None:
                     bar.set_postfix_str(side.label)
                     measure(side, command, logs, index)
                     bar.update()
-        text = report(sides, args.command, loops)
+        text = report(sides, args.command, loops, logs)
         finished = not any(side.failed for side in sides)
     finally:
         # The clones (an environment each, over a GB) go; the logs stay where something failed.
