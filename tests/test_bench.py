@@ -143,8 +143,8 @@ def one_commit_repo(folder: Path) -> Path:
     """A git repository with one commit of one file."""
     folder.mkdir()
     (folder / "README.md").write_text("a suite\n")
+    git = ["git", "-c", "user.name=faceopt", "-c", "user.email=faceopt@localhost"]
     for args in (["init", "-q"], ["add", "README.md"], ["commit", "-q", "-m", "one"]):
-        git = ["git", "-c", "user.name=faceopt", "-c", "user.email=faceopt@localhost"]
         subprocess.run([*git, *args], cwd=folder, check=True, capture_output=True)
     return folder
 
